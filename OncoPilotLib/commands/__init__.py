@@ -1,0 +1,1 @@
+"""Sub-commands of the ``oncopilot`` command line (one module each, discovered automatically)."""
