@@ -148,7 +148,8 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(self._interactionNode(), slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent,
                          self._onInteractionModeChanged)
-        self.addObserver(self._redSliceNode(), vtk.vtkCommand.ModifiedEvent, self._onViewedSliceChanged)
+        if self._redSliceNode() is not None:  # no views when Slicer runs without its main window
+            self.addObserver(self._redSliceNode(), vtk.vtkCommand.ModifiedEvent, self._onViewedSliceChanged)
         self.initializeParameterNode()
 
     @staticmethod
@@ -279,7 +280,8 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = editable and self.logic.canUndo(segmentation, lesionId)
         self.ui.lockButton.enabled = bool(lesionId and segmentation and not busy)
         wasBlocked = self.ui.lockButton.blockSignals(True)
-        self.ui.lockButton.checked = bool(lesionId and segmentation and self.logic.isLesionLocked(segmentation, lesionId))
+        locked = bool(lesionId and segmentation and self.logic.isLesionLocked(segmentation, lesionId))
+        self.ui.lockButton.checked = locked
         self.ui.lockButton.blockSignals(wasBlocked)
         self.ui.cancelButton.enabled = busy
 
@@ -372,7 +374,6 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = self.logic.prepareOutputSegmentation(volume, self._parameterNode.outputSegmentation)
         self._parameterNode.outputSegmentation = segmentation
         segmentId = self.logic.beginPreview(volume, segmentation, prompt)
-        self._previewTarget = (volume, segmentation, segmentId)
         self._refreshLesionList()
 
         def done(lesion):
@@ -384,13 +385,12 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._reportFailure(error)
 
         self._submit(_("Segmenting the lesion"), volume, lambda session, progress, cancel: session.segment(
-            prompt, progress=progress, cancel=cancel), done, failed)
+            prompt, progress=progress, cancel=cancel), done, failed, (volume, segmentation, segmentId))
 
     def _runEdit(self, ras, positive: bool) -> None:
         volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
         segmentId = self._currentLesionId()
         arguments = self.logic.beginEdit(volume, segmentation, segmentId, ras, positive)
-        self._previewTarget = (volume, segmentation, segmentId)
 
         def done(lesion):
             self.logic.storeEditedLesion(volume, segmentation, segmentId, lesion)
@@ -400,28 +400,34 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._reportFailure(error)
 
         self._submit(_("Correcting the lesion"), volume, lambda session, progress, cancel: session.edit(
-            **arguments, progress=progress, cancel=cancel), done, failed)
+            **arguments, progress=progress, cancel=cancel), done, failed, (volume, segmentation, segmentId))
 
-    def _submit(self, title: str, volume, work, onDone, onError) -> None:
-        """Run ``work(session, progress, cancel)`` on the worker thread, building the session there if needed."""
-        session = self.logic.existingSession(volume)
-        inputs = None if session is not None else self.logic.sessionInputs(volume)  # MRML read: main thread
-        model, device = self.logic.model, self.logic.device
+    def _submit(self, title: str, volume, work, onDone, onError, previewTarget=None) -> None:
+        """Run ``work(session, progress, cancel)`` on the worker thread, building the session there if needed.
+
+        The session is looked up when the job starts (not now): a job queued behind "Preparing the CT" then
+        finds the session that job built instead of building a second one.
+        """
+        volumeId, model, device = volume.GetID(), self.logic.model, self.logic.device
+        inputs = self.logic.sessionInputs(volume) if self.logic.existingSession(volume) is None else None
 
         def function(progress, cancel):
-            ready = session
-            if ready is None:
-                ready = self.logic.buildSession(*inputs, model=model, device=device)
-                progress(("session", ready))
-            return work(ready, progress, cancel)
+            session = self.logic.sessionById(volumeId, model, device)
+            if session is None:
+                if inputs is None:
+                    raise ValueError(_("The CT was reset meanwhile; click again."))
+                session = self.logic.buildSession(*inputs, model=model, device=device)
+                self.logic.storeSession(volumeId, session, model, device)  # a dict entry: no MRML, no Qt
+            return work(session, progress, cancel)
 
-        def onProgress(payload):
-            if isinstance(payload, tuple) and payload[0] == "session":
-                self.logic.setSession(volume, payload[1], model, device)
-            else:
-                self._showProgress(payload)
+        def onFinished():
+            if self._previewTarget is not None and self._previewTarget is previewTarget:
+                self._previewTarget = None
+                self._pendingSlices = []
+            self._onJobFinished()
 
-        self.worker.submit(Job(title, function, onProgress, onDone, onError, self._onJobFinished))
+        self._previewTarget = previewTarget or self._previewTarget
+        self.worker.submit(Job(title, function, self._showProgress, onDone, onError, onFinished))
         self._setStatus(title + "...")
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.show()
@@ -449,9 +455,8 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pendingSlices = []
 
     def _onJobFinished(self) -> None:
-        self._pendingSlices = []
-        self._previewTarget = None
-        self.ui.progressBar.hide()
+        if not self._busy():
+            self.ui.progressBar.hide()
         self._refreshLesionList()
         self._updateButtons()
         segmentation, lesionId = self._parameterNode.outputSegmentation, self._currentLesionId()
@@ -513,7 +518,7 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onViewedSliceChanged(self, caller=None, event=None) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
         session = self.logic.existingSession(volume) if volume is not None else None
-        if session is None:
+        if session is None or self._redSliceNode() is None:
             return
         sliceToRAS = self._redSliceNode().GetSliceToRAS()
         k = self.logic.sliceIndexAtRAS(volume, [sliceToRAS.GetElement(row, 3) for row in range(3)])
@@ -550,7 +555,9 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _redSliceNode():
-        return slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        layoutManager = slicer.app.layoutManager()
+        sliceWidget = layoutManager.sliceWidget("Red") if layoutManager is not None else None
+        return sliceWidget.mrmlSliceNode() if sliceWidget is not None else None
 
 
 #

@@ -18,7 +18,6 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +205,8 @@ def test_worker_runs_jobs_on_one_persistent_thread_and_calls_back_on_the_caller(
 
     try:
         for _ in range(2):
-            job = worker.submit(Job("job", work, onProgress=lambda p: seen.append(("progress", p, threading.get_ident())),
+            job = worker.submit(Job("job", work,
+                                    onProgress=lambda p: seen.append(("progress", p, threading.get_ident())),
                                     onDone=lambda r: seen.append(("done", r, threading.get_ident()))))
             _drain(worker, job)
         assert threads[0] == threads[1] == worker.threadIdent != threading.get_ident()
@@ -284,7 +284,8 @@ def test_errors_are_described_in_plain_words():
     class NothingFoundError(ValueError):
         pass
 
-    assert describeError(NothingFoundError("no lesion found at the prompt on slice 3")).startswith("No lesion was found")
+    message = describeError(NothingFoundError("no lesion found at the prompt on slice 3"))
+    assert message.startswith("No lesion was found")
     assert "Install dependencies" in describeError(ModuleNotFoundError("No module named 'torch'"))
 
 

@@ -117,22 +117,25 @@ class OncoPilotSceneLogic:
             self._loadedModels[key] = load_model(key[0], device=None if key[1] == "auto" else key[1])
         return SegmentationSession(arrayKJI, geometry, model=VolumePredictor(self._loadedModels[key]))
 
-    def setSession(self, volumeNode, session, model: str | None = None, device: str | None = None) -> None:
-        self._sessions[volumeNode.GetID()] = SessionEntry(session, model or self.model, device or self.device)
+    def storeSession(self, volumeNodeId: str, session, model: str, device: str) -> None:
+        """Remember a session for a volume node ID (any thread: a dict assignment, no MRML)."""
+        self._sessions[volumeNodeId] = SessionEntry(session, model, device)
+
+    def sessionById(self, volumeNodeId: str, model: str, device: str):
+        """The session for a volume node ID built with this model and device, or None (any thread)."""
+        entry = self._sessions.get(volumeNodeId)
+        return entry.session if entry is not None and (entry.model, entry.device) == (model, device) else None
 
     def existingSession(self, volumeNode):
         """The session on this volume if one is ready with the current model and device, else None."""
-        entry = self._sessions.get(volumeNode.GetID()) if volumeNode is not None else None
-        if entry is None or (entry.model, entry.device) != (self.model, self.device):
-            return None
-        return entry.session
+        return self.sessionById(volumeNode.GetID(), self.model, self.device) if volumeNode is not None else None
 
     def getSession(self, volumeNode):
         """The session on this volume, built now (synchronously, seconds) if needed."""
         session = self.existingSession(volumeNode)
         if session is None:
             session = self.buildSession(*self.sessionInputs(volumeNode))
-            self.setSession(volumeNode, session)
+            self.storeSession(volumeNode.GetID(), session, self.model, self.device)
         return session
 
     def resetSessions(self) -> None:

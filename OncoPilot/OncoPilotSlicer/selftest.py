@@ -240,8 +240,13 @@ def seedVoxel(truth: np.ndarray) -> tuple[int, int, int]:
 
 
 def checkPointPromptMatchesLibrary(logic: OncoPilotSceneLogic, case: Case) -> str:
-    """A point placed in world RAS on a transformed CT gives a segment equal, voxel for voxel, to the
-    library's mask for the same voxel prompt; the table row equals the measurement. Returns the segment ID."""
+    """A point placed in world RAS on a transformed CT becomes the library's voxel prompt, the library gets the
+    volume's exact voxels, and the segment equals the library's lesion mask voxel for voxel; the table row equals
+    the measurement. Returns the segment ID.
+
+    The direct SegmentationSession run reuses the image embeddings the module's session computed for the same
+    voxels (the encoder is ~90% of a click's cost on a CPU); prompts, decoding and propagation run again.
+    """
     from OncoPilotLib.measurements import measure_lesion
     from OncoPilotLib.predictor import VolumePredictor
     from OncoPilotLib.session import PointPrompt, SegmentationSession
@@ -254,11 +259,17 @@ def checkPointPromptMatchesLibrary(logic: OncoPilotSceneLogic, case: Case) -> st
     assert tuple(prompt.ijk) == ijk, f"the click became voxel {prompt.ijk}, expected {ijk}"
     segmentId = logic.segmentLesion(case.volumeNode, prompt)
     segmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-    stored = segments.readMask(segmentationNode, segmentId, case.volumeNode)
-    loaded = next(iter(logic._loadedModels.values()))
+    session = logic.existingSession(case.volumeNode)
+    assert np.array_equal(session.volume, slicer.util.arrayFromVolume(case.volumeNode)), "the library got other voxels"
+    assert np.allclose(session.geometry.ijk_to_ras, volumes.volumeGeometry(case.volumeNode).ijk_to_ras)
+    assert np.array_equal(session.lesions[logic.lesionRef(segmentationNode, segmentId).lesionId].mask,
+                          segments.readMask(segmentationNode, segmentId, case.volumeNode)), "segment != session mask"
     direct = SegmentationSession(slicer.util.arrayFromVolume(case.volumeNode).copy(),
-                                 volumes.volumeGeometry(case.volumeNode), model=VolumePredictor(loaded))
+                                 volumes.volumeGeometry(case.volumeNode),
+                                 model=VolumePredictor(session.predictor.model))
+    direct.predictor.cache = session.predictor.cache
     reference = direct.segment(PointPrompt(ijk=ijk)).mask
+    stored = segments.readMask(segmentationNode, segmentId, case.volumeNode)
     assert stored.any(), "the segment is empty"
     assert np.array_equal(stored, reference), (f"segment ({stored.sum()} voxels) differs from the library's mask "
                                                f"({reference.sum()} voxels)")
