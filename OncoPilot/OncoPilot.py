@@ -378,14 +378,18 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(lesion):
             self.logic.storeNewLesion(volume, segmentation, lesion, segmentId)
-            self._selectLesion(segmentId)
+            self._showResult(segmentation, segmentId)
 
         def failed(error):
             self.logic.discardPreview(segmentation, segmentId)
             self._reportFailure(error)
 
-        self._submit(_("Segmenting the lesion"), volume, lambda session, progress, cancel: session.segment(
-            prompt, progress=progress, cancel=cancel), done, failed, (volume, segmentation, segmentId))
+        try:
+            self._submit(_("Segmenting the lesion"), volume, lambda session, progress, cancel: session.segment(
+                prompt, progress=progress, cancel=cancel), done, failed, (volume, segmentation, segmentId))
+        except Exception:
+            self.logic.discardPreview(segmentation, segmentId)
+            raise
 
     def _runEdit(self, ras, positive: bool) -> None:
         volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
@@ -394,13 +398,18 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(lesion):
             self.logic.storeEditedLesion(volume, segmentation, segmentId, lesion)
+            self._showResult(segmentation, segmentId)
 
         def failed(error):
             self.logic.abortEdit(volume, segmentation, segmentId)
             self._reportFailure(error)
 
-        self._submit(_("Correcting the lesion"), volume, lambda session, progress, cancel: session.edit(
-            **arguments, progress=progress, cancel=cancel), done, failed, (volume, segmentation, segmentId))
+        try:
+            self._submit(_("Correcting the lesion"), volume, lambda session, progress, cancel: session.edit(
+                **arguments, progress=progress, cancel=cancel), done, failed, (volume, segmentation, segmentId))
+        except Exception:
+            self.logic.abortEdit(volume, segmentation, segmentId)
+            raise
 
     def _submit(self, title: str, volume, work, onDone, onError, previewTarget=None) -> None:
         """Run ``work(session, progress, cancel)`` on the worker thread, building the session there if needed.
@@ -459,9 +468,13 @@ class OncoPilotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.hide()
         self._refreshLesionList()
         self._updateButtons()
-        segmentation, lesionId = self._parameterNode.outputSegmentation, self._currentLesionId()
-        if segmentation is not None and lesionId:
-            self._setStatus(self.logic.lesionSummary(segmentation, lesionId))
+
+    def _showResult(self, segmentation, segmentId: str) -> None:
+        """After a lesion was stored: select it, show its measurements and the table."""
+        if self._parameterNode.measurementTable is None:
+            self._parameterNode.measurementTable = self.logic.getMeasurementTable()
+        self._selectLesion(segmentId)
+        self._setStatus(self.logic.lesionSummary(segmentation, segmentId))
 
     def _reportFailure(self, error) -> None:
         if isCancellation(error):

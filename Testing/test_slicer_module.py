@@ -333,3 +333,10 @@ def test_self_test_runner_as_slicer_runs_it(data_dir):
     report = selftest.runSelfTest(scene, data_dir, runModel=False)
     assert report["passed"] == [check.__name__ for check in selftest.MRML_CHECKS]
     assert report["skipped"] == ["model checks not requested"]
+
+
+def test_self_test_without_the_data_folder_runs_on_a_synthetic_ct():
+    scene = slicer_env.newScene()
+    report = selftest.runSelfTest(scene, None)
+    assert report["passed"] == [check.__name__ for check in selftest.MRML_CHECKS]
+    assert len(report["skipped"]) == 1 and "synthetic CT" in report["skipped"][0]
