@@ -14,6 +14,7 @@ touches MRML runs on the calling (main) thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -215,7 +216,8 @@ class OncoPilotSceneLogic:
     def beginPreview(self, volumeNode, segmentationNode, prompt) -> str:
         """Add the (empty) segment that shows a lesion while it is being propagated; returns its ID."""
         name = segments.freeLesionName(segmentationNode)
-        segmentId = segments.addLesionSegment(segmentationNode, name, promptMode(prompt), self.model)
+        with self._ownChanges():
+            segmentId = segments.addLesionSegment(segmentationNode, name, promptMode(prompt), self.model)
         shape = volumes.volumeGeometry(volumeNode).shape_kji
         self._previews[(segmentationNode.GetID(), segmentId)] = np.zeros(shape, dtype=bool)
         return segmentId
@@ -232,18 +234,16 @@ class OncoPilotSceneLogic:
     def discardPreview(self, segmentationNode, segmentId: str) -> None:
         """Remove a preview segment (the propagation was cancelled or failed)."""
         if self._previews.pop((segmentationNode.GetID(), segmentId), None) is not None:
-            self._muted += 1
-            try:
+            with self._ownChanges():
                 segmentationNode.GetSegmentation().RemoveSegment(segmentId)
-            finally:
-                self._muted -= 1
 
     def storeNewLesion(self, volumeNode, segmentationNode, lesion, segmentId: str | None = None) -> str:
         """Write a session Lesion as a new segment (or into its preview segment) and measure it."""
         key = (segmentationNode.GetID(), segmentId)
         if segmentId is None or self._previews.pop(key, None) is None:
             name = segments.freeLesionName(segmentationNode, lesion.name)
-            segmentId = segments.addLesionSegment(segmentationNode, name, lesion.mode, self.model)
+            with self._ownChanges():
+                segmentId = segments.addLesionSegment(segmentationNode, name, lesion.mode, self.model)
         self._lesions[(segmentationNode.GetID(), segmentId)] = LesionRef(volumeNode.GetID(), int(lesion.id))
         self._write(segmentationNode, segmentId, lesion.mask, volumeNode)
         self.remeasureSegment(segmentId, segmentationNode, volumeNode)
@@ -288,7 +288,8 @@ class OncoPilotSceneLogic:
     def storeEditedLesion(self, volumeNode, segmentationNode, segmentId: str, lesion) -> None:
         """Write the edited session Lesion into its segment and re-measure."""
         self._previews.pop((segmentationNode.GetID(), segmentId), None)
-        segments.requireLesionSegment(segmentationNode, segmentId).SetTag(segments.MODE_TAG, lesion.mode)
+        with self._ownChanges():
+            segments.requireLesionSegment(segmentationNode, segmentId).SetTag(segments.MODE_TAG, lesion.mode)
         self._write(segmentationNode, segmentId, lesion.mask, volumeNode)
         self.remeasureSegment(segmentId, segmentationNode, volumeNode)
 
@@ -349,11 +350,8 @@ class OncoPilotSceneLogic:
 
     def setLesionLocked(self, segmentationNode, segmentId: str, locked: bool = True) -> None:
         """Mark a lesion finished (locked: OncoPilot refuses to change it) or unlock it."""
-        self._muted += 1
-        try:
+        with self._ownChanges():
             segments.setLocked(segmentationNode, segmentId, locked)
-        finally:
-            self._muted -= 1
         ref = self._lesions.get((segmentationNode.GetID(), segmentId))
         entry = self._sessions.get(ref.volumeNodeId) if ref else None
         if entry is not None and ref.lesionId in entry.session.lesions:
@@ -371,8 +369,7 @@ class OncoPilotSceneLogic:
         segment = segments.requireLesionSegment(segmentationNode, segmentId)
         volumeNode = volumeNode or self._referenceVolume(segmentationNode)
         geometry = volumes.volumeGeometry(volumeNode)
-        self._muted += 1
-        try:
+        with self._ownChanges():
             mask = segments.readMask(segmentationNode, segmentId, volumeNode)
             measurement = measure_lesion(mask, geometry, ct_hu=slicer.util.arrayFromVolume(volumeNode))
             self._rows[(segmentationNode.GetID(), segmentId)] = results.MeasurementRow.fromMeasurement(
@@ -381,8 +378,6 @@ class OncoPilotSceneLogic:
             self._updateAxisLines(segmentationNode, segmentId, measurement)
             self._refreshTable()
             self._maskTimes[(segmentationNode.GetID(), segmentId)] = self._maskTime(segmentationNode, segmentId)
-        finally:
-            self._muted -= 1
         return measurement
 
     def remeasureAll(self, segmentationNode, volumeNode=None) -> None:
@@ -419,12 +414,19 @@ class OncoPilotSceneLogic:
                      for tag in (segments.LONG_AXIS_TAG, segments.SHORT_AXIS_TAG))
 
     # ---- scene plumbing -----------------------------------------------------------------------------------
-    def _write(self, segmentationNode, segmentId: str, maskKJI, volumeNode) -> None:
+    @contextlib.contextmanager
+    def _ownChanges(self):
+        """Changes OncoPilot makes itself: not re-measured as if the user had edited the segment."""
         self._muted += 1
         try:
-            segments.writeMask(segmentationNode, segmentId, maskKJI, volumeNode)
+            yield
         finally:
             self._muted -= 1
+
+    def _write(self, segmentationNode, segmentId: str, maskKJI, volumeNode) -> None:
+        with self._ownChanges():
+            segments.writeMask(segmentationNode, segmentId, maskKJI, volumeNode)
+        self._maskTimes[(segmentationNode.GetID(), segmentId)] = self._maskTime(segmentationNode, segmentId)
 
     @staticmethod
     def _segmentExists(segmentationNodeId: str, segmentId: str) -> bool:
@@ -500,8 +502,5 @@ class OncoPilotSceneLogic:
             entry.session.remove(ref.lesionId)
         self._history.pop(key, None)
         if self._rows.pop(key, None) is not None:
-            self._muted += 1
-            try:
+            with self._ownChanges():
                 self._refreshTable()
-            finally:
-                self._muted -= 1
