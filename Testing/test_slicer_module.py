@@ -322,10 +322,29 @@ def test_table_columns(logic, case):
     assert results.tableRows(logic.getMeasurementTable())[0]["Mode"] == "point"
 
 
-def test_point_prompt_edit_and_undo_with_the_model(logic, case):
+@pytest.fixture(scope="module")
+def segmentedLesion(data_dir):
+    """One model run shared by the two tests below: (logic, case, segment ID) of a lesion made by a click."""
+    from OncoPilotSlicer.logic import OncoPilotSceneLogic
+
     reason = selftest.modelUnavailableReason()
     assert reason is None, reason  # the test environment has every dependency: a skip here would hide a gap
-    selftest._modelChecks(logic, case)
+    slicer_env.newScene()
+    sceneLogic, case = OncoPilotSceneLogic(), selftest.loadCase(data_dir)
+    segmentId = selftest.checkPointPromptMatchesLibrary(sceneLogic, case)
+    yield sceneLogic, case, segmentId
+    sceneLogic.removeObservers()
+
+
+def test_point_prompt_with_the_model_matches_the_library(segmentedLesion):
+    sceneLogic, case, segmentId = segmentedLesion  # the fixture ran checkPointPromptMatchesLibrary
+    assert sceneLogic.lesionRef(slicer_env.slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode"),
+                                segmentId).lesionId == 1
+
+
+def test_edit_click_and_undo_with_the_model(segmentedLesion):
+    sceneLogic, case, segmentId = segmentedLesion
+    selftest.checkEditAndUndo(sceneLogic, case, segmentId)
 
 
 def test_self_test_runner_as_slicer_runs_it(data_dir):
