@@ -9,11 +9,14 @@ A background thread can prefetch embeddings around a slice of interest before th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -94,6 +97,54 @@ class EmbeddingCache:
         return tensor.element_size() * tensor.nelement()
 
 
+class EmbeddingStore:
+    """Image embeddings kept on disk (float32 ``.pt`` files), so that a volume is encoded once across runs.
+
+    Layout: ``<root>/<model tag>/<volume digest>/k<slice>_<crop>.pt``; the model tag covers the checkpoint file and
+    the HU window, the digest the volume's voxels, so a changed model or volume never reads stale embeddings.
+    Used by evaluation and training; interactive use keeps only the in-memory cache.
+    """
+
+    def __init__(self, root, model_tag: str):
+        self.root = Path(root) / model_tag
+        self.folder: Path | None = None
+
+    def set_volume(self, volume: np.ndarray) -> None:
+        digest = hashlib.sha1(np.ascontiguousarray(volume).tobytes()).hexdigest()[:16]
+        self.folder = self.root / f"{volume.shape[0]}x{volume.shape[1]}x{volume.shape[2]}_{digest}"
+
+    def _path(self, key) -> Path:
+        slice_index, crop = key
+        return self.folder / f"k{slice_index:04d}_{'_'.join(str(v) for v in crop)}.pt"
+
+    def load(self, key):
+        import torch
+
+        path = self._path(key)
+        return torch.load(str(path), weights_only=True) if path.is_file() else None
+
+    def save(self, key, tensor) -> None:
+        import torch
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + f".{os.getpid()}.partial")  # an interrupted write leaves no stub
+        torch.save(tensor.detach().cpu().clone(), str(partial))
+        partial.replace(path)
+
+
+def model_tag(model: LoadedModel, window_hu) -> str:
+    """Identifier of an image encoder + preprocessing, for on-disk embedding caches."""
+    source = model.checkpoint or model.spec.name
+    try:
+        stat = os.stat(source)
+        stamp = f"{stat.st_size}-{int(stat.st_mtime)}"
+    except OSError:
+        stamp = "none"
+    digest = hashlib.sha1(f"{source}|{stamp}|{window_hu}".encode()).hexdigest()[:10]
+    return f"{model.spec.name}_{digest}"
+
+
 class VolumePredictor:
     """Encode CT slices on demand and decode masks from box / point / mask prompts.
 
@@ -102,14 +153,18 @@ class VolumePredictor:
         cache_bytes: bound of the embedding cache in bytes.
         window_hu: HU window (low, high); defaults to the model's own setting.
         autocast_bf16: run the image encoder under bfloat16 autocast (faster on CPUs with AVX-512 bf16).
+        embedding_dir: also keep embeddings on disk there (see :class:`EmbeddingStore`), or None.
     """
 
     def __init__(self, model: LoadedModel | str = "litemedsam", cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 window_hu: tuple[float, float] | None = None, autocast_bf16: bool = False, device=None):
+                 window_hu: tuple[float, float] | None = None, autocast_bf16: bool = False, device=None,
+                 embedding_dir=None):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.window_hu = tuple(window_hu) if window_hu is not None else self.model.spec.window_hu
         self.autocast_bf16 = autocast_bf16
         self.cache = EmbeddingCache(cache_bytes)
+        self.store = None if embedding_dir is None else EmbeddingStore(
+            embedding_dir, model_tag(self.model, self.window_hu) + ("_bf16" if autocast_bf16 else ""))
         self.volume: np.ndarray | None = None
         self.spacing: np.ndarray | None = None
         self._encode_lock = threading.Lock()
@@ -129,6 +184,8 @@ class VolumePredictor:
         self.volume = volume_hu
         self.spacing = np.asarray(spacing, dtype=float)
         self.cache.clear()
+        if self.store is not None:
+            self.store.set_volume(volume_hu)
 
     @property
     def img_size(self) -> int:
@@ -159,9 +216,13 @@ class VolumePredictor:
             return cached
         with self._encode_lock:  # the prefetch thread may be encoding this very slice
             cached = self.cache.get(key)
+            if cached is None and self.store is not None:
+                cached = self.store.load(key)
             if cached is None:
                 cached = self._encode(slice_index, transform)
-                self.cache.put(key, cached)
+                if self.store is not None:
+                    self.store.save(key, cached)
+            self.cache.put(key, cached)
         return cached
 
     def is_cached(self, slice_index: int, crop=None) -> bool:
@@ -192,14 +253,23 @@ class VolumePredictor:
         Returns:
             :class:`Prediction` with (J, I) logits on the full slice.
         """
+        boxes = None if box is None else np.asarray(box, dtype=float).reshape(1, 4)
+        return self.predict_batch(slice_index, boxes, points, point_labels, mask_logits, crop, multimask_output)[0]
+
+    def predict_batch(self, slice_index: int, boxes=None, points=None, point_labels=None, mask_logits=None,
+                      crop=None, multimask_output: bool = False) -> list[Prediction]:
+        """Like :meth:`predict` for B boxes (B, 4) at once, sharing the points and mask prompt.
+
+        One decoder pass for the whole batch: 8 candidate boxes cost about 2-3 single decodes on the CPU.
+        """
         import torch
 
-        if box is None and points is None and mask_logits is None:
+        if boxes is None and points is None and mask_logits is None:
             raise ValueError("predict() needs at least one prompt: box, points or mask_logits")
         slice_index = self._check_slice(slice_index)
         transform = self.transform(crop)
         embedding = self.embedding(slice_index, crop)
-        sparse_points, sparse_boxes, dense_masks = self._prompts(transform, box, points, point_labels, mask_logits)
+        sparse_points, sparse_boxes, dense_masks = self._prompts(transform, boxes, points, point_labels, mask_logits)
         network, device = self.model.network, self.model.device
         with torch.inference_mode():
             sparse, dense = network.prompt_encoder(points=sparse_points, boxes=sparse_boxes, masks=dense_masks)
@@ -207,28 +277,35 @@ class VolumePredictor:
                                                 image_pe=network.prompt_encoder.get_dense_pe(),
                                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                                 multimask_output=multimask_output)
-        best = int(torch.argmax(iou[0])) if multimask_output else 0
-        logits = logits_to_slice(low_res[:, best:best + 1], transform, self.volume.shape[1:])
-        return Prediction(logits, float(iou[0, best]), slice_index)
+        best = torch.argmax(iou, dim=1) if multimask_output else torch.zeros(len(iou), dtype=torch.long)
+        return [Prediction(logits_to_slice(low_res[b:b + 1, int(best[b]):int(best[b]) + 1], transform,
+                                           self.volume.shape[1:]), float(iou[b, best[b]]), slice_index)
+                for b in range(len(iou))]
 
-    def _prompts(self, transform: SliceTransform, box, points, point_labels, mask_logits):
+    def _prompts(self, transform: SliceTransform, boxes, points, point_labels, mask_logits):
         import torch
 
         device = self.model.device
+        batch = 1 if boxes is None else len(boxes)
         sparse_points = sparse_boxes = dense_masks = None
-        if box is not None:
-            sparse_boxes = torch.as_tensor(transform.box_to_model(box), dtype=torch.float32, device=device)[None]
+        if boxes is not None:
+            # Boxes are clipped to the encoded region: the model never saw coordinates outside its input.
+            x0, y0, x1, y1 = transform.crop
+            low, high = np.array([x0, y0, x0, y0]), np.array([x1 - 1, y1 - 1, x1 - 1, y1 - 1])
+            model_boxes = np.stack([transform.box_to_model(np.clip(b, low, high)) for b in boxes])
+            sparse_boxes = torch.as_tensor(model_boxes, dtype=torch.float32, device=device)
         if points is not None:
             points = np.asarray(points, dtype=float).reshape(-1, 2)
             labels = np.ones(len(points)) if point_labels is None else np.asarray(point_labels).reshape(-1)
             if len(labels) != len(points):
                 raise ValueError(f"{len(points)} points but {len(labels)} point labels")
             coords = torch.as_tensor(transform.to_model(points), dtype=torch.float32, device=device)[None]
-            sparse_points = (coords, torch.as_tensor(labels, dtype=torch.int64, device=device)[None])
+            labels = torch.as_tensor(labels, dtype=torch.int64, device=device)[None]
+            sparse_points = (coords.expand(batch, -1, -1), labels.expand(batch, -1))
         if mask_logits is not None:
             low_res = 4 * self.model.network.prompt_encoder.image_embedding_size[0]
             dense_masks = slice_logits_to_model(np.asarray(mask_logits, dtype=np.float32), transform, low_res)
-            dense_masks = dense_masks.to(device)
+            dense_masks = dense_masks.to(device).expand(batch, -1, -1, -1)
         return sparse_points, sparse_boxes, dense_masks
 
     # ---- prefetch -----------------------------------------------------------------------------------------
