@@ -25,6 +25,10 @@ from scipy import ndimage as ndi
 CLICK_HALF_WIDTHS_MM = (4.0, 6.0, 9.0, 13.0, 18.0, 25.0, 35.0, 50.0, 70.0, 100.0)
 TIGHT_MARGIN_PX = 3.0
 TRUNCATED_PENALTY = 0.5
+# A candidate reaching the slice edge is rarely a lesion (it is the body, a limb, the table).
+BORDER_PENALTY = 0.5
+# Among candidates scoring within this fraction of the best, the smallest mask wins (first plateau).
+NEAR_BEST = 0.9
 
 
 @dataclass
@@ -145,19 +149,28 @@ def _keeper(pixel, blocked):
     return keep
 
 
+def _touches_border(bounds: np.ndarray, shape) -> bool:
+    return bool(bounds[0] <= 0 or bounds[1] <= 0 or bounds[2] >= shape[1] - 1 or bounds[3] >= shape[0] - 1)
+
+
 def _best_candidate(predictor, slice_index, candidates, keep, crop) -> SeedResult | None:
+    """Score = predicted IoU x self-consistency x penalties; the smallest mask within NEAR_BEST of the top wins."""
     shape = predictor.volume.shape[1:]
     margin = np.array([-TIGHT_MARGIN_PX, -TIGHT_MARGIN_PX, TIGHT_MARGIN_PX, TIGHT_MARGIN_PX])
     boxes = np.stack([clip_box(bounds + margin, shape) for _, bounds, _ in candidates])
-    best, best_score = None, -1.0
-    for (mask, _, touches), box, again in zip(candidates, boxes,
-                                              predictor.predict_batch(slice_index, boxes, crop=crop)):
+    scored = []
+    for (mask, bounds, touches), box, again in zip(candidates, boxes,
+                                                   predictor.predict_batch(slice_index, boxes, crop=crop)):
         second = keep(again.mask)
+        if not second.any():
+            continue
         score = again.iou * iou(mask, second) * (TRUNCATED_PENALTY if touches else 1.0)
-        if second.any() and score > best_score:
-            best, best_score = SeedResult(second, again.logits, again.iou, box), score
-    if best is None:
+        score *= BORDER_PENALTY if _touches_border(bounds, shape) else 1.0
+        scored.append((score, int(second.sum()), SeedResult(second, again.logits, again.iou, box)))
+    if not scored:
         return None
+    top = max(score for score, _, _ in scored)
+    best = min((item for item in scored if item[0] >= NEAR_BEST * top), key=lambda item: item[1])[2]
     return tighten(predictor, slice_index, best.box, keep, crop, iterations=2) or best
 
 
