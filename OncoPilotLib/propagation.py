@@ -100,8 +100,9 @@ def predict_next(predictor, slice_index: int, previous: SliceResult, settings: P
                  crop=None, blocked: np.ndarray | None = None) -> SliceResult:
     """Predict slice ``slice_index`` prompted by the adjacent slice's result."""
     margin = settings.box_margin_px
-    box = clip_box(mask_box(previous.mask) + np.array([-margin, -margin, margin, margin]),
-                   predictor.volume.shape[1:])
+    box = mask_box(previous.mask) + np.array([-margin, -margin, margin, margin])
+    centre, half = (box[:2] + box[2:]) / 2.0, np.maximum((box[2:] - box[:2]) / 2.0, 1.0)  # never inverted
+    box = clip_box(np.concatenate([centre - half, centre + half]), predictor.volume.shape[1:])
     prediction = predictor.predict(slice_index, box=box, crop=crop,
                                    mask_logits=previous.logits if settings.use_mask_prompt else None)
     mask = prediction.mask if blocked is None else prediction.mask & ~blocked
