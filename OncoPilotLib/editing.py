@@ -11,6 +11,7 @@ outward from k in both directions until a slice's new mask agrees with its old o
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from .prompts import clip_box, component_at, iou, mask_box, seed_from_click
 from .propagation import Cancelled, SliceResult, predict_next, stop_reason, hu_stats
@@ -35,23 +36,46 @@ def edit_slice(session, lesion, k: int, blocked2d: np.ndarray) -> SliceResult:
     predictor = session.predictor
     points, labels = _slice_clicks(lesion.clicks, k)
     current = lesion.mask[k]
-    logits = lesion.logits.get(k, mask_logits(current))
-    box = mask_box(current)
     positives = points[labels == 1]
-    if box is None and len(positives) == 0:
-        return SliceResult(current.copy(), logits, 1.0)
+    if not current.any():
+        # A positive click where the lesion is missing is a new seed, as good as a first click.
+        mask = np.zeros_like(current)
+        seeds = [seed_from_click(predictor, k, p, session.geometry.spacing[:2], lesion.crop, blocked2d)
+                 for p in positives]
+        for seed in seeds:
+            mask |= seed.mask if seed is not None else False
+        logits = next((s.logits for s in seeds if s is not None), mask_logits(mask))
+        mask = _enforce_clicks(session, lesion, k, mask, points, labels, blocked2d)
+        return SliceResult(mask, np.where(mask, np.abs(logits) + 0.1, -np.abs(logits) - 0.1).astype(np.float32),
+                           1.0)
     margin = 3.0
-    corners = [box.reshape(2, 2)] if box is not None else []
+    corners = [mask_box(current).reshape(2, 2)]
     corners += [positives - margin, positives + margin] if len(positives) else []
     stacked = np.vstack(corners)
-    box = clip_box(np.concatenate([stacked.min(0), stacked.max(0)]) + np.array([-margin, -margin, margin, margin]),
-                   current.shape)
+    box = clip_box(np.concatenate([stacked.min(0), stacked.max(0)]), current.shape)
     prediction = predictor.predict(k, box=box, points=points, point_labels=labels,
-                                   mask_logits=logits if current.any() else None, crop=lesion.crop)
+                                   mask_logits=lesion.logits.get(k, mask_logits(current)), crop=lesion.crop)
     mask = prediction.mask & ~blocked2d
+    if mask.any():
+        keep = current | _click_mask(positives, current.shape)
+        mask = _components_touching(mask, keep)
     mask = _enforce_clicks(session, lesion, k, mask, points, labels, blocked2d)
     return SliceResult(mask, np.where(mask, np.abs(prediction.logits) + 0.1, -np.abs(prediction.logits) - 0.1)
                        .astype(np.float32), prediction.iou)
+
+
+def _click_mask(points: np.ndarray, shape) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for i, j in np.round(points).astype(int):
+        mask[j, i] = True
+    return mask
+
+
+def _components_touching(mask: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The 8-connected components of ``mask`` that overlap ``keep`` (drops stray blobs far from the lesion)."""
+    labels, count = ndi.label(mask, structure=np.ones((3, 3)))
+    wanted = np.unique(labels[keep & mask])
+    return np.isin(labels, wanted[wanted > 0])
 
 
 def _enforce_clicks(session, lesion, k, mask, points, labels, blocked2d):
