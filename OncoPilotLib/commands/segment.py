@@ -23,6 +23,16 @@ def _triples(text: str, count: int) -> np.ndarray:
     return np.array(values).reshape(count, 3)
 
 
+def _window(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW,HIGH in HU, e.g. -160,240") from None
+    if high <= low:
+        raise argparse.ArgumentTypeError(f"{text!r}: HIGH must be above LOW")
+    return low, high
+
+
 def _edit(text: str) -> tuple[bool, np.ndarray]:
     if not text or text[0] not in "+-":
         raise argparse.ArgumentTypeError(f"{text!r}: an edit click starts with + (lesion) or - (background)")
@@ -49,6 +59,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", help="weights for a registry model that does not bundle them (SAM, MedSAM)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--window", type=_window, default=None, metavar="LOW,HIGH",
+                        help="HU window fed to the model (default: the model's own, -500,1000 as in the paper)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
     if model.device.type == "cpu":
         print("running on the CPU: expect about 1 s per slice", file=sys.stderr)
-    session = SegmentationSession(ct.array, ct.geometry, model=model)
+    session = SegmentationSession(ct.array, ct.geometry, model=model, window_hu=args.window)
     progress = ProgressBar(not args.quiet)
     lesion = session.segment(prompt, progress=progress)
     for positive, point in args.edit:
