@@ -256,14 +256,14 @@ def evaluate_lesion(session: SegmentationSession, truth: np.ndarray, info: dict,
         _clear(session)
 
 
-def evaluate_case(case: Case, config: EvaluationConfig, model, done: set | frozenset = frozenset(),
-                  volume_and_mask=None) -> Iterator[dict]:
+def evaluate_case(case: Case, config: EvaluationConfig, model,
+                  done: set | frozenset = frozenset()) -> Iterator[dict]:
     """Yield the records of every lesion x mode of a case not already in ``done`` ({(lesion_id, mode)}).
 
     ``model``: a registry name, LoadedModel or VolumePredictor (reused across cases to keep the model loaded), or
     a function returning one, called only if something is left to do.
     """
-    volume, mask = volume_and_mask or load_case(case)
+    volume, mask = load_case(case)
     components = split_lesions(mask)
     if not components:
         logger.warning("%s: empty mask, nothing to evaluate", case.id)

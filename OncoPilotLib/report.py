@@ -104,7 +104,23 @@ def summarize(rows: list[dict], modes: Iterable[str]) -> dict:
             "leaks": [{k: r[k] for k in ("lesion_id", "mode", "gt_slices", "pred_slices")} for r in rows if r["leak"]],
             "not_found": [{k: r[k] for k in ("lesion_id", "mode", "status", "message")}
                           for r in rows if r["status"] != "ok"],
-            "stop_reasons": {m: _stop_counts(by_mode[m]) for m in modes}}
+            "stop_reasons": {m: _stop_counts(by_mode[m]) for m in modes},
+            "dice_by_click": dice_by_click(by_mode.get("point-edit", []))}
+
+
+def dice_by_click(rows: list[dict]) -> list[dict]:
+    """Mean and median Dice after 0, 1, ... edit clicks over point-edit rows (``dice_trace``); a lesion that
+    stopped clicking early keeps its last Dice, a lesion not found counts as 0 throughout."""
+    traces = [[float(v) for v in (r["dice_trace"] or "").split()] or [r["dice"]] for r in rows]
+    if not traces:
+        return []
+    longest = max(len(t) for t in traces)
+    table = []
+    for clicks in range(longest):
+        values = [t[min(clicks, len(t) - 1)] for t in traces]
+        table.append({"clicks": clicks, "dice_mean": _mean(values), "dice_median": _median(values),
+                      "n_clicked": sum(len(t) > clicks for t in traces)})
+    return table
 
 
 def _stop_counts(rows: list[dict]) -> dict[str, int]:
@@ -178,6 +194,12 @@ def _issues(summary: dict) -> list[str]:
     out += (_table(["lesion", "mode", "status", "message"],
                    [[x["lesion_id"], x["mode"], x["status"], x["message"]] for x in missing])
             if missing else ["Every prompt gave a lesion."])
+    if summary["dice_by_click"]:
+        out += ["", "## Point-edit: Dice after each click", "",
+                "A lesion whose errors became too small to click keeps its last Dice."]
+        out += [""] + _table(["clicks", "lesions with >= this many clicks", "Dice mean", "Dice median"],
+                             [[str(x["clicks"]), str(x["n_clicked"]), _fmt(x["dice_mean"], 3),
+                               _fmt(x["dice_median"], 3)] for x in summary["dice_by_click"]])
     reasons = summary["stop_reasons"]
     out += ["", "## Propagation stop reasons (both directions)", ""]
     names = sorted({name for counts in reasons.values() for name in counts})

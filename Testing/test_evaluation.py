@@ -139,6 +139,16 @@ def _fake_records(n: int = 7) -> list[dict]:
     return records
 
 
+def test_dice_by_click_carries_the_last_dice_forward():
+    from OncoPilotLib.report import dice_by_click
+
+    rows = [{"dice_trace": "0.5 0.7 0.9", "dice": 0.9}, {"dice_trace": "0.6", "dice": 0.6},
+            {"dice_trace": "", "dice": 0.0}]
+    table = dice_by_click(rows)
+    assert [(x["clicks"], x["n_clicked"]) for x in table] == [(0, 3), (1, 1), (2, 1)]
+    assert [x["dice_mean"] for x in table] == pytest.approx([1.1 / 3, 1.3 / 3, 1.5 / 3])
+
+
 def _markdown_main_table(text: str) -> dict[str, dict[str, str]]:
     lines = text.split("## Results per mode")[1].strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -183,6 +193,9 @@ def test_report_numbers_match_the_csv(tmp_path):
     assert summary["leaks"] == [{"lesion_id": "l1", "mode": "point", "gt_slices": 5, "pred_slices": 11}]
     assert summary["not_found"][0]["lesion_id"] == "l0"
     assert summary["stop_reasons"]["point"] == {"empty": 7, "hu_drift": 7}
+    edit_dice = [r["dice"] for r in read_rows(tmp_path / "lesions.csv") if r["mode"] == "point-edit"]
+    assert [x["clicks"] for x in summary["dice_by_click"]] == [0]  # no trace: the final Dice only
+    assert summary["dice_by_click"][0]["dice_mean"] == pytest.approx(statistics.fmean(edit_dice))
     groups = summary["breakdowns"]
     assert set(groups) == {"kind", "sphericity", "long axis", "volume"}
     assert sum(g["point"]["n"] for g in groups["volume"].values()) == 7
