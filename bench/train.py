@@ -5,6 +5,9 @@ inner-train / inner-validation cases; each learning rate fine-tunes a fresh copy
 number of steps and is scored by 2D Dice per prompt kind on the inner-validation lesions.
 
     nice python bench/train.py /work/shared/data/lesions --lrs 3e-5 1e-4 --steps 60 --out bench/train_lr.json
+
+With ``--compare CHECKPOINT`` it instead scores the base model and that checkpoint on the held-out lesions of
+``oncopilot train``'s split (evaluation only, nothing is chosen on it), per lesion and prompt kind.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def sweep(args) -> dict:
     return results
 
 
+def compare(args) -> dict:
+    """{"base": {kind: {lesion: mean Dice}}, "tuned": ...} on the held-out split of ``oncopilot train``."""
+    _, val_cases = split_cases(find_cases(args.data), 0.25, seed=0)
+    out = {}
+    for label, name in (("base", "litemedsam"), ("tuned", args.compare)):
+        model = load_model(name, device="cpu")
+        config = TrainConfig(data=args.data, output="", model="litemedsam")  # same encoder: reuse its cache
+        lesions = prepare_lesions(model, val_cases, config, args.val_slices)
+        results = evaluate_2d(model, lesions)
+        out[label] = {kind: {lesion: float(np.mean(v)) for lesion, v in per.items()} for kind, per in results.items()}
+        out[label + "_summary"] = summarise(results)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
@@ -53,10 +70,11 @@ def main() -> None:
     parser.add_argument("--val-slices", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compare", default=None, help="checkpoint to score against the base on the held-out split")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_cpu_threads(args.threads)
-    results = sweep(args)
+    results = compare(args) if args.compare else sweep(args)
     text = json.dumps(results, indent=2)
     if args.out:
         with open(args.out, "w") as handle:
