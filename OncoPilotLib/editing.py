@@ -1,11 +1,20 @@
-"""Point-edit: positive / negative clicks that refine a lesion, then re-propagation until slices stop changing.
+"""Point-edit: a positive or negative click refines a lesion on its slice, then the change is re-propagated.
 
-A click on slice k re-predicts that slice from the current mask's box (grown to include positive clicks), the
-accumulated clicks of that slice as point prompts and the current logits as mask prompt. Because LiteMedSAM
-barely reacts to point prompts (it was trained with boxes), the clicks are also enforced: a positive click
-outside the result adds the component found by a click-seed there; a negative click still inside removes the
-connected part of the mask around it that the click-seed there would segment. Then the change is propagated
-outward from k in both directions until a slice's new mask agrees with its old one (IoU >= 0.9).
+LiteMedSAM barely reacts to point prompts (it was trained with boxes), and a first version that re-predicted
+the clicked slice from box + clicks + mask and re-propagated both ways made lesions worse (3D Dice 0.80 -> 0.01
+on lidc_0001_n1 after one click): the model filled the grown box and the re-propagation carried the leak to
+every slice. Edits are therefore local and bounded:
+
+- positive click outside the mask on a slice that has one: the model's mask for the mask's box grown to the
+  click, limited to the click's component and to a band around the current mask that just reaches the click,
+  is added;
+- positive click on a slice without mask (the lesion was cut short): a click seed, as for a new lesion, at most
+  twice the area of the nearest slice of the lesion (else limited to 5 px around that slice's outline);
+- negative click inside the mask: the region a click seed there outlines is removed (the structure the mask
+  leaked into), or the whole connected part under the click when that seed would take the lesion itself.
+
+The edited slice is then propagated away from the seed slice (both ways when the seed slice itself was edited)
+until a slice's new mask agrees with its old one (IoU >= 0.9); an emptied slice removes the lesion beyond it.
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .prompts import clip_box, component_at, iou, mask_box, seed_from_click
-from .propagation import Cancelled, SliceResult, predict_next, stop_reason, hu_stats
+from .propagation import Cancelled, SliceResult, hu_stats, predict_next, stop_reason
 
 _MASK_LOGIT = 10.0
 STABLE_IOU = 0.9
+SEED_AREA_LIMIT = 2.0
+BAND_MARGIN_PX = 3
 
 
 def mask_logits(mask: np.ndarray) -> np.ndarray:
@@ -25,105 +36,84 @@ def mask_logits(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, _MASK_LOGIT, -_MASK_LOGIT).astype(np.float32)
 
 
-def _slice_clicks(clicks, k: int):
-    points = np.array([c[0][:2] for c in clicks if int(round(c[0][2])) == k], dtype=float).reshape(-1, 2)
-    labels = np.array([1 if c[1] else 0 for c in clicks if int(round(c[0][2])) == k], dtype=int)
-    return points, labels
-
-
-def edit_slice(session, lesion, k: int, blocked2d: np.ndarray) -> SliceResult:
-    """New mask of slice k from the current mask and all clicks on k (see module docstring)."""
-    predictor = session.predictor
-    points, labels = _slice_clicks(lesion.clicks, k)
+def edit_slice(session, lesion, k: int, point, positive: bool, blocked2d: np.ndarray) -> SliceResult:
+    """New (J, I) mask of slice k after one click at ``point`` = (i, j) (see the module docstring)."""
     current = lesion.mask[k]
-    positives = points[labels == 1]
-    if not current.any():
-        # A positive click where the lesion is missing is a new seed, as good as a first click.
-        mask = np.zeros_like(current)
-        seeds = [seed_from_click(predictor, k, p, session.geometry.spacing[:2], lesion.crop, blocked2d)
-                 for p in positives]
-        for seed in seeds:
-            mask |= seed.mask if seed is not None else False
-        logits = next((s.logits for s in seeds if s is not None), mask_logits(mask))
-        mask = _enforce_clicks(session, lesion, k, mask, points, labels, blocked2d)
-        return SliceResult(mask, np.where(mask, np.abs(logits) + 0.1, -np.abs(logits) - 0.1).astype(np.float32),
-                           1.0)
-    margin = 3.0
-    corners = [mask_box(current).reshape(2, 2)]
-    corners += [positives - margin, positives + margin] if len(positives) else []
-    stacked = np.vstack(corners)
-    box = clip_box(np.concatenate([stacked.min(0), stacked.max(0)]), current.shape)
-    prediction = predictor.predict(k, box=box, points=points, point_labels=labels,
-                                   mask_logits=lesion.logits.get(k, mask_logits(current)), crop=lesion.crop)
-    mask = prediction.mask & ~blocked2d
-    if mask.any():
-        keep = current | _click_mask(positives, current.shape)
-        mask = _components_touching(mask, keep)
-    mask = _enforce_clicks(session, lesion, k, mask, points, labels, blocked2d)
-    return SliceResult(mask, np.where(mask, np.abs(prediction.logits) + 0.1, -np.abs(prediction.logits) - 0.1)
-                       .astype(np.float32), prediction.iou)
+    pixel = (int(round(point[0])), int(round(point[1])))
+    if positive == bool(current[pixel[1], pixel[0]]):
+        return SliceResult(current.copy(), lesion.logits.get(k, mask_logits(current)), 1.0)
+    if not positive:
+        mask = current & ~_region_to_remove(session, lesion, k, current, point, blocked2d)
+    elif current.any():
+        mask = current | _grown_part(session, lesion, k, current, point, blocked2d)
+    else:
+        mask = _new_slice(session, lesion, k, point, blocked2d)
+    mask[pixel[1], pixel[0]] = positive and not blocked2d[pixel[1], pixel[0]]
+    return SliceResult(mask, mask_logits(mask), 1.0)
 
 
-def _click_mask(points: np.ndarray, shape) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for i, j in np.round(points).astype(int):
-        mask[j, i] = True
+def _grown_part(session, lesion, k, current, point, blocked2d) -> np.ndarray:
+    pixel = (int(round(point[0])), int(round(point[1])))
+    corners = np.vstack([mask_box(current).reshape(2, 2), np.asarray(point, float)[None] - 3,
+                         np.asarray(point, float)[None] + 3])
+    box = clip_box(np.concatenate([corners.min(0), corners.max(0)]), current.shape)
+    prediction = session.predictor.predict(k, box=box, crop=lesion.crop,
+                                           mask_logits=lesion.logits.get(k, mask_logits(current)))
+    distance = ndi.distance_transform_edt(~current)
+    band = (distance <= distance[pixel[1], pixel[0]] + BAND_MARGIN_PX) & ~blocked2d
+    part = component_at((prediction.mask | current) & band, pixel)
+    if not part.any():  # the box prompt ignored the click: outline what lies under it instead
+        seed = seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+        part = seed.mask & band if seed is not None else part
+    return part
+
+
+def _new_slice(session, lesion, k, point, blocked2d) -> np.ndarray:
+    seed = seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+    mask = np.zeros(lesion.mask.shape[1:], dtype=bool) if seed is None else seed.mask.copy()
+    filled = lesion.slices
+    if len(filled):
+        nearest = lesion.mask[int(filled[np.argmin(np.abs(filled - k))])]
+        if np.count_nonzero(mask) > SEED_AREA_LIMIT * np.count_nonzero(nearest):
+            mask &= ndi.binary_dilation(nearest, iterations=5)
     return mask
 
 
-def _components_touching(mask: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The 8-connected components of ``mask`` that overlap ``keep`` (drops stray blobs far from the lesion)."""
-    labels, count = ndi.label(mask, structure=np.ones((3, 3)))
-    wanted = np.unique(labels[keep & mask])
-    return np.isin(labels, wanted[wanted > 0])
-
-
-def _enforce_clicks(session, lesion, k, mask, points, labels, blocked2d):
-    spacing_xy = session.geometry.spacing[:2]
-    for point, label in zip(points, labels):
-        pixel = (int(round(point[0])), int(round(point[1])))
-        inside = bool(mask[pixel[1], pixel[0]])
-        if label == 1 and not inside:
-            seed = seed_from_click(session.predictor, k, point, spacing_xy, lesion.crop, blocked2d)
-            if seed is not None:
-                mask = mask | seed.mask
-            mask[pixel[1], pixel[0]] = True
-        elif label == 0 and inside:
-            mask = mask & ~_region_to_remove(session, lesion, k, mask, point, blocked2d)
-    return mask
-
-
-def _region_to_remove(session, lesion, k, mask, point, blocked2d):
-    """Pixels a negative click removes: what a click-seed there segments, or else the component under it."""
+def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
+    """Pixels a negative click removes: what a click seed there outlines, unless that is the lesion itself."""
     pixel = (int(round(point[0])), int(round(point[1])))
     seed = seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
-    if seed is not None and seed.mask[pixel[1], pixel[0]] and seed.mask.sum() < 0.8 * mask.sum():
-        return seed.mask
+    if seed is not None and seed.mask[pixel[1], pixel[0]]:
+        overlap = seed.mask & mask
+        if np.count_nonzero(overlap) < 0.8 * np.count_nonzero(mask):
+            return overlap
     return component_at(mask, pixel)
 
 
 def repropagate(session, lesion, k: int, result: SliceResult, blocked, cancel=None, on_slice=None) -> None:
-    """Propagate slice k's new result outward until the new masks agree with the old ones."""
+    """Store slice k's new result and propagate it away from the seed until the masks stop changing."""
     lesion.mask[k], lesion.logits[k] = result.mask, result.logits
     seed_stats = hu_stats(session.volume[k], result.mask) if result.mask.any() else None
-    # An emptied slice cuts the lesion: only the part beyond it (away from the seed) goes too.
-    away = 1 if k >= lesion.seed_slice else -1
-    for direction in ((+1, -1) if result.mask.any() else (away,)):
-        previous, j = result, k + direction
-        while lesion.z_range[0] <= j <= lesion.z_range[1]:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("edit cancelled")
-            if not previous.mask.any():
-                new = SliceResult(np.zeros_like(previous.mask), mask_logits(np.zeros_like(previous.mask)), 1.0)
-            else:
-                new = predict_next(session.predictor, j, previous, session.settings, lesion.crop, blocked[j])
-                if seed_stats is None or stop_reason(new, previous, session.volume[j], seed_stats,
-                                                     session.settings):
-                    new = SliceResult(np.zeros_like(new.mask), mask_logits(np.zeros_like(new.mask)), new.iou)
-            old = lesion.mask[j].copy()
-            lesion.mask[j], lesion.logits[j] = new.mask, new.logits
-            if on_slice is not None:
-                on_slice(j, new)
-            if iou(old, new.mask) >= STABLE_IOU:
-                break
-            previous, j = new, j + direction
+    directions = (+1, -1) if k == lesion.seed_slice else ((1,) if k > lesion.seed_slice else (-1,))
+    for direction in directions:
+        _repropagate_one_way(session, lesion, k, result, direction, seed_stats, blocked, cancel, on_slice)
+
+
+def _repropagate_one_way(session, lesion, k, result, direction, seed_stats, blocked, cancel, on_slice) -> None:
+    previous, j = result, k + direction
+    while lesion.z_range[0] <= j <= lesion.z_range[1]:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("edit cancelled")
+        empty = np.zeros_like(previous.mask)
+        new = SliceResult(empty, mask_logits(empty), 1.0)
+        if previous.mask.any() and seed_stats is not None:
+            guess = predict_next(session.predictor, j, previous, session.settings, lesion.crop, blocked[j])
+            if not stop_reason(guess, previous, session.volume[j], seed_stats, session.settings):
+                new = guess
+        old = lesion.mask[j].copy()
+        lesion.mask[j], lesion.logits[j] = new.mask, new.logits
+        if on_slice is not None:
+            on_slice(j, new)
+        if iou(old, new.mask) >= STABLE_IOU:
+            break
+        previous, j = new, j + direction

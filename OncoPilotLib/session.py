@@ -177,7 +177,7 @@ class SegmentationSession:
         snapshot = self._snapshot(lesion)
         lesion.clicks.append(((i, j, float(k)), bool(positive)))
         try:
-            self._apply_edit(lesion, k, progress, cancel)
+            self._apply_edit(lesion, (i, j), k, bool(positive), progress, cancel)
         except Exception:
             self._restore(lesion, snapshot)
             raise
@@ -193,10 +193,10 @@ class SegmentationSession:
         self._restore(lesion, lesion.history.pop())
         return lesion
 
-    def _apply_edit(self, lesion: Lesion, k: int, progress, cancel) -> None:
+    def _apply_edit(self, lesion: Lesion, point, k: int, positive: bool, progress, cancel) -> None:
         blocked = self._blocked(lesion.id)
         total = lesion.z_range[1] - lesion.z_range[0] + 1
-        result = edit_slice(self, lesion, k, blocked[k])
+        result = edit_slice(self, lesion, k, point, positive, blocked[k])
         if progress is not None:
             progress(ProgressEvent("seed", k, 1, total, result.mask.copy()))
         count = [1]
