@@ -10,8 +10,9 @@ GT box + 15 px -> 0.73). So:
   touches its prompt box (the box cut the lesion). Measured: mean 2D Dice 0.76 from the barycentre click,
   better than the paper protocol's GT box + 15 px (0.73); adding the click itself as a point prompt lowered
   it to 0.66, so the click is used only to pick the component.
-- any box (a drawn box, the sweep winner) is then tightened: box -> mask -> mask's box + margin, until the
-  mask stops changing.
+- the sweep winner is then tightened: box -> mask -> mask's box + margin, until the mask stops changing;
+- a drawn box is decoded with copies of itself shrunk about its centre and the candidates are scored the same
+  way (see :func:`seed_from_box`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ TRUNCATED_PENALTY = 0.5
 BORDER_PENALTY = 0.5
 # Among candidates scoring within this fraction of the best, the smallest mask wins (first plateau).
 NEAR_BEST = 0.9
+# A drawn box is also tried shrunk about its centre by these factors (a loose box misleads LiteMedSAM).
+BOX_SHRINK_FACTORS = (0.55, 0.7, 0.85)
 
 
 @dataclass
@@ -153,8 +156,9 @@ def _touches_border(bounds: np.ndarray, shape) -> bool:
     return bool(bounds[0] <= 0 or bounds[1] <= 0 or bounds[2] >= shape[1] - 1 or bounds[3] >= shape[0] - 1)
 
 
-def _best_candidate(predictor, slice_index, candidates, keep, crop) -> SeedResult | None:
-    """Score = predicted IoU x self-consistency x penalties; the smallest mask within NEAR_BEST of the top wins."""
+def _best_candidate(predictor, slice_index, candidates, keep, crop, near_best: float = NEAR_BEST) -> SeedResult | None:
+    """Score = predicted IoU x self-consistency x penalties; the smallest mask within ``near_best`` x the top
+    score wins (1.0: the top score alone)."""
     shape = predictor.volume.shape[1:]
     margin = np.array([-TIGHT_MARGIN_PX, -TIGHT_MARGIN_PX, TIGHT_MARGIN_PX, TIGHT_MARGIN_PX])
     boxes = np.stack([clip_box(bounds + margin, shape) for _, bounds, _ in candidates])
@@ -170,14 +174,36 @@ def _best_candidate(predictor, slice_index, candidates, keep, crop) -> SeedResul
     if not scored:
         return None
     top = max(score for score, _, _ in scored)
-    best = min((item for item in scored if item[0] >= NEAR_BEST * top), key=lambda item: item[1])[2]
+    best = min((item for item in scored if item[0] >= near_best * top), key=lambda item: item[1])[2]
     return tighten(predictor, slice_index, best.box, keep, crop, iterations=2) or best
 
 
 def seed_from_box(predictor, slice_index: int, box, crop=None, blocked: np.ndarray | None = None,
-                  tighten_box: bool = True) -> SeedResult | None:
-    """2D mask from a drawn box (x0, y0, x1, y1); keeps the largest component and tightens a loose box."""
+                  shrink_factors=BOX_SHRINK_FACTORS) -> SeedResult | None:
+    """2D mask from a drawn box (x0, y0, x1, y1), robust to a loose box.
+
+    The box and copies shrunk about its centre (``shrink_factors``) are decoded in one batch and scored like
+    click candidates: a too-small copy cuts the lesion (its mask touches the box: penalised), a too-loose one
+    lets LiteMedSAM fill the box with surrounding tissue. Measured with the paper's GT box + 15 px, 3D Dice
+    before -> after: lidc_0003_n1 0.50 -> 0.80, lidc_0001_n1 0.82 -> 0.80, sts_019 0.29 -> 0.45,
+    sts_001 0.47 -> 0.28 (mean of the four 0.52 -> 0.58; keeping the top score instead of the smallest
+    near-best mask gave 0.59, within noise, so boxes and clicks share one rule).
+    """
+    shape = predictor.volume.shape[1:]
+    box = clip_box(box, shape)
+    centre, half = (box[:2] + box[2:]) / 2.0, (box[2:] - box[:2]) / 2.0
+    boxes = np.stack([box] + [clip_box(np.concatenate([centre - f * half, centre + f * half]), shape)
+                              for f in shrink_factors])
+
     def keep(mask):
         return largest_component(mask & ~blocked if blocked is not None else mask)
 
-    return tighten(predictor, slice_index, box, keep, crop, iterations=3 if tighten_box else 1)
+    candidates = []
+    for candidate_box, prediction in zip(boxes, predictor.predict_batch(slice_index, boxes, crop=crop)):
+        mask = keep(prediction.mask)
+        bounds = mask_box(mask)
+        if bounds is not None:
+            candidates.append((mask, bounds, _touches(bounds, candidate_box, shape)))
+    if not candidates:
+        return None
+    return _best_candidate(predictor, slice_index, candidates, keep, crop)
