@@ -156,7 +156,8 @@ def _touches_border(bounds: np.ndarray, shape) -> bool:
     return bool(bounds[0] <= 0 or bounds[1] <= 0 or bounds[2] >= shape[1] - 1 or bounds[3] >= shape[0] - 1)
 
 
-def _best_candidate(predictor, slice_index, candidates, keep, crop, near_best: float = NEAR_BEST) -> SeedResult | None:
+def _best_candidate(predictor, slice_index, candidates, keep, crop,
+                    near_best: float = NEAR_BEST) -> SeedResult | None:
     """Score = predicted IoU x self-consistency x penalties; the smallest mask within ``near_best`` x the top
     score wins (1.0: the top score alone)."""
     shape = predictor.volume.shape[1:]
