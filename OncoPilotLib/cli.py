@@ -22,8 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with "-" (negative RAS coordinates, negative edit clicks): argparse would take
+# "--point -72.6,-77,-190" for two options, so their value is attached ("--point=-72.6,...") before parsing.
+_SIGNED_VALUE_OPTIONS = ("--point", "--box", "--roi", "--edit", "--window")
+
+
+def _attach_signed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        value = next(tokens, None) if token in _SIGNED_VALUE_OPTIONS else None
+        out.append(token if value is None else f"{token}={value}")
+    return out
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_attach_signed_values(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

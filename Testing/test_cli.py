@@ -78,3 +78,13 @@ def test_oblique_volume_is_refused_and_sagittal_reoriented(tmp_path):
     volume = read_volume(tmp_path / "sagittal.nrrd")
     assert volume.geometry.is_axial()
     assert sorted(volume.array.shape) == [6, 8, 10]
+
+
+def test_negative_values_reach_their_option():
+    from OncoPilotLib.cli import build_parser, _attach_signed_values
+
+    argv = ["segment", "ct.nii.gz", "--point", "-72.6,-77,-190.4", "--coords", "ras", "--edit", "-1,2,3",
+            "--edit", "+4,5,6", "--out", "x.nii.gz"]
+    args = build_parser().parse_args(_attach_signed_values(argv))
+    assert list(args.point) == [-72.6, -77.0, -190.4] and args.coords == "ras"
+    assert [positive for positive, _ in args.edit] == [False, True]
