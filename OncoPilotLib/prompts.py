@@ -28,8 +28,6 @@ TIGHT_MARGIN_PX = 3.0
 TRUNCATED_PENALTY = 0.5
 # A candidate reaching the slice edge is rarely a lesion (it is the body, a limb, the table).
 BORDER_PENALTY = 0.5
-# Among candidates scoring within this fraction of the best, the smallest mask wins (first plateau).
-NEAR_BEST = 0.9
 # A drawn box is also tried shrunk about its centre by these factors (a loose box misleads LiteMedSAM).
 BOX_SHRINK_FACTORS = (0.55, 0.7, 0.85)
 
@@ -156,10 +154,14 @@ def _touches_border(bounds: np.ndarray, shape) -> bool:
     return bool(bounds[0] <= 0 or bounds[1] <= 0 or bounds[2] >= shape[1] - 1 or bounds[3] >= shape[0] - 1)
 
 
-def _best_candidate(predictor, slice_index, candidates, keep, crop,
-                    near_best: float = NEAR_BEST) -> SeedResult | None:
-    """Score = predicted IoU x self-consistency x penalties; the smallest mask within ``near_best`` x the top
-    score wins (1.0: the top score alone)."""
+def _best_candidate(predictor, slice_index, candidates, keep, crop) -> SeedResult | None:
+    """The candidate with the best score = predicted IoU x self-consistency x penalties, tightened.
+
+    Measured: preferring the smallest candidate within 90 % of the best score (a "first plateau" rule) took
+    the barycentre click on sts_004, sts_005 and sts_006 to 3D Dice 0.03-0.08 (a small part of the sarcoma);
+    the best score alone gives 2D Dice 0.84 / 0.55 / 0.83 there, and the slice-edge penalty alone already
+    keeps the synthetic lesion from growing into the whole body (2D Dice 0.93).
+    """
     shape = predictor.volume.shape[1:]
     margin = np.array([-TIGHT_MARGIN_PX, -TIGHT_MARGIN_PX, TIGHT_MARGIN_PX, TIGHT_MARGIN_PX])
     boxes = np.stack([clip_box(bounds + margin, shape) for _, bounds, _ in candidates])
@@ -174,8 +176,7 @@ def _best_candidate(predictor, slice_index, candidates, keep, crop,
         scored.append((score, int(second.sum()), SeedResult(second, again.logits, again.iou, box)))
     if not scored:
         return None
-    top = max(score for score, _, _ in scored)
-    best = min((item for item in scored if item[0] >= near_best * top), key=lambda item: item[1])[2]
+    best = max(scored, key=lambda item: item[0])[2]
     return tighten(predictor, slice_index, best.box, keep, crop, iterations=2) or best
 
 
