@@ -210,7 +210,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, checkpoint: str | os.PathLike 
     metadata = {}
     expected = f"a {spec.name} checkpoint ({spec.description})"
     if fine_tuned:
-        base_spec, base_path, _ = _resolve(spec.name, None) if spec.bundled_weights else (spec, None, False)
+        base_path = spec.bundled_weights() if spec.bundled_weights is not None else None
         if base_path is not None:
             load_state_into(network, base_path, f"a {spec.name} checkpoint")
         # A fine-tuned checkpoint may hold only the parts it trained (e.g. the mask decoder).

@@ -244,6 +244,12 @@ def _box_with_points(axis, data: list[list[float]], modes: list[str], ylabel: st
     axis.set_ylabel(ylabel)
 
 
+def _save(plt, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_dice(rows: list[dict], modes: list[str], path: Path) -> None:
     """Dice distribution per mode (box plot with every lesion as a dot)."""
     plt = _pyplot()
@@ -251,9 +257,7 @@ def plot_dice(rows: list[dict], modes: list[str], path: Path) -> None:
     _box_with_points(axis, _by_mode(rows, modes, "dice"), modes, "3D Dice")
     axis.set_ylim(-0.02, 1.02)
     axis.set_title("Dice per prompt mode")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_long_axis_error(rows: list[dict], modes: list[str], path: Path) -> None:
@@ -263,9 +267,7 @@ def plot_long_axis_error(rows: list[dict], modes: list[str], path: Path) -> None
     _box_with_points(axes[0], _by_mode(rows, modes, "long_axis_abs_error_mm"), modes, "|LA pred - LA GT| (mm)")
     _box_with_points(axes[1], _by_mode(rows, modes, "long_axis_rel_error_pct"), modes, "relative LA error (%)")
     figure.suptitle("RECIST long-axis error")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_bland_altman(rows: list[dict], modes: list[str], path: Path) -> None:
@@ -284,9 +286,7 @@ def plot_bland_altman(rows: list[dict], modes: list[str], path: Path) -> None:
         axis.set_title(f"{mode}: bias {bias:.1f} mm, LoA +-{1.96 * sd:.1f} mm")
         axis.set_xlabel("mean of predicted and GT long axis (mm)")
         axis.set_ylabel("predicted - GT long axis (mm)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_dice_by_group(summary: dict, path: Path) -> None:
@@ -306,9 +306,7 @@ def plot_dice_by_group(summary: dict, path: Path) -> None:
         axis.set_ylim(0, 1)
         axis.set_title(f"mean Dice by {name}")
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def draw_figures(rows: list[dict], summary: dict, out_dir: Path) -> list[str]:

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .geometry import VolumeGeometry
 from .io import looks_like_ct
 from .predictor import VolumePredictor
 from .editing import edit_slice, repropagate
 from .prompts import SeedResult, seed_from_box, seed_from_click
-from .propagation import Cancelled, PropagationLog, PropagationSettings, SliceResult, propagate
+from .propagation import PropagationLog, PropagationSettings, SliceResult, propagate
 from .zoom import choose_crop
 
 logger = logging.getLogger(__name__)

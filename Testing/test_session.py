@@ -42,9 +42,7 @@ def _session(nodule):
     ct, _, predictor = nodule
     if predictor.volume is not ct.array:
         predictor.set_volume(ct.array, ct.geometry.spacing)
-    session = SegmentationSession.__new__(SegmentationSession)
-    SegmentationSession.__init__(session, ct.array, ct.geometry, model=predictor)
-    return session
+    return SegmentationSession(ct.array, ct.geometry, model=predictor)
 
 
 def _click(truth):
