@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .prompts import clip_box, component_at, iou, mask_box, seed_from_click
-from .propagation import Cancelled, SliceResult, hu_stats, predict_next, stop_reason
+from .propagation import Cancelled, SliceResult, predict_next, seed_stats, stop_reason
 
 _MASK_LOGIT = 10.0
 STABLE_IOU = 0.9
@@ -93,22 +93,22 @@ def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
 def repropagate(session, lesion, k: int, result: SliceResult, blocked, cancel=None, on_slice=None) -> None:
     """Store slice k's new result and propagate it away from the seed until the masks stop changing."""
     lesion.mask[k], lesion.logits[k] = result.mask, result.logits
-    seed_stats = hu_stats(session.volume[k], result.mask) if result.mask.any() else None
+    reference = seed_stats(session.volume[k], result.mask) if result.mask.any() else None
     directions = (+1, -1) if k == lesion.seed_slice else ((1,) if k > lesion.seed_slice else (-1,))
     for direction in directions:
-        _repropagate_one_way(session, lesion, k, result, direction, seed_stats, blocked, cancel, on_slice)
+        _repropagate_one_way(session, lesion, k, result, direction, reference, blocked, cancel, on_slice)
 
 
-def _repropagate_one_way(session, lesion, k, result, direction, seed_stats, blocked, cancel, on_slice) -> None:
+def _repropagate_one_way(session, lesion, k, result, direction, reference, blocked, cancel, on_slice) -> None:
     previous, j = result, k + direction
     while lesion.z_range[0] <= j <= lesion.z_range[1]:
         if cancel is not None and cancel.is_set():
             raise Cancelled("edit cancelled")
         empty = np.zeros_like(previous.mask)
         new = SliceResult(empty, mask_logits(empty), 1.0)
-        if previous.mask.any() and seed_stats is not None:
+        if previous.mask.any() and reference is not None:
             guess = predict_next(session.predictor, j, previous, session.settings, lesion.crop, blocked[j])
-            if not stop_reason(guess, previous, session.volume[j], seed_stats, session.settings):
+            if not stop_reason(guess, previous, session.volume[j], reference, session.settings):
                 new = guess
         old = lesion.mask[j].copy()
         lesion.mask[j], lesion.logits[j] = new.mask, new.logits

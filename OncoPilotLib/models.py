@@ -125,6 +125,9 @@ class LoadedModel:
     device: object
     checkpoint: str | None
     metadata: dict = field(default_factory=dict)
+    # Weights file of the image encoder: the base model's for a checkpoint that did not train the encoder, so that
+    # a decoder-only fine-tune reuses the base model's cached embeddings (see predictor.model_tag).
+    encoder_source: str | None = None
 
 
 def _safe_load(path: Path, expected: str) -> object:
@@ -209,18 +212,21 @@ def load_model(name_or_path: str = DEFAULT_MODEL, checkpoint: str | os.PathLike 
     network = spec.build()
     metadata = {}
     expected = f"a {spec.name} checkpoint ({spec.description})"
+    encoder_source = path
     if fine_tuned:
         base_path = spec.bundled_weights() if spec.bundled_weights is not None else None
         if base_path is not None:
             load_state_into(network, base_path, f"a {spec.name} checkpoint")
         # A fine-tuned checkpoint may hold only the parts it trained (e.g. the mask decoder).
         metadata = load_state_into(network, path, expected, partial_ok=base_path is not None)
+        if base_path is not None and "image_encoder" not in metadata.get("trained_parts", ["image_encoder"]):
+            encoder_source = str(base_path)
     else:
         metadata = load_state_into(network, path, expected)
     torch_device = select_device(device)
     network.to(torch_device).eval()
     logger.info("loaded %s from %s on %s", spec.name, path, torch_device)
-    return LoadedModel(spec, network, torch_device, path, metadata)
+    return LoadedModel(spec, network, torch_device, path, metadata, encoder_source)
 
 
 def save_checkpoint(path, network, base_model: str, metadata: dict, parts: tuple[str, ...] | None = None) -> str:

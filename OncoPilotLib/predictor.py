@@ -135,7 +135,7 @@ class EmbeddingStore:
 
 def model_tag(model: LoadedModel, window_hu) -> str:
     """Identifier of an image encoder + preprocessing, for on-disk embedding caches."""
-    source = model.checkpoint or model.spec.name
+    source = model.encoder_source or model.checkpoint or model.spec.name
     try:
         stat = os.stat(source)
         stamp = f"{stat.st_size}-{int(stat.st_mtime)}"

@@ -27,22 +27,18 @@ from .prompts import clip_box, mask_box
 class PropagationSettings:
     """Tunable propagation parameters (defaults chosen on the 32 shared lesions; see docs/BENCHMARKS.md)."""
 
-    # LiteMedSAM fills whatever box it is given where the CT shows no clear edge. Measured with the previous
-    # mask's box + 3 px and its logits as mask prompt: sts_002 (sarcoma in muscle, 16 slices) ran through all 24
-    # slices of its crop, 3D Dice 0.41; with the box shrunk by 2 px the mask must push past the box to grow and
-    # fades out where the lesion ends: 14 slices, Dice 0.72. But a nodule in lung (lidc_0003_n1) has sharp edges
-    # the model follows, and there the shrinking box cut it short (Dice 0.81 -> 0.51). So the margin follows
-    # the edge contrast of the previous slice's mask (see :func:`edge_contrast`). On the reference outlines of
-    # the shared lesions that contrast is 1.6-2.9 (10th-90th percentile) for the two lung nodules and below 1.5
-    # on most slices of the 30 sarcomas (median 0.07-1.3; 2.0 for sts_013 and sts_025): threshold 1.5.
-    box_margin_px: float = -2.0
-    use_mask_prompt: bool = False
-    high_contrast: float = 1.5
-    high_contrast_margin_px: float = 3.0
-    high_contrast_mask_prompt: bool = True
+    # LiteMedSAM fills whatever box it is given where the CT shows no clear edge (sarcoma in muscle), so the box
+    # margin decides whether the mask grows, holds or fades from slice to slice. Measured on the shared lesions
+    # (GT box + 15 px seed, same seed for every variant; bench/propagation.py and docs/BENCHMARKS.md): the
+    # previous mask's box shrunk by 2 px (the first rule) made sarcomas fade within a few slices (mean 3D Dice
+    # 0.53 on 13 lesions, volume 0.25-0.6x the truth); +3 px with the logits ran through whole crops (0.65);
+    # +1 px with the previous logits as mask prompt held the lesion best (0.67; 0.80 -> 0.78/0.74 on the two
+    # nodules, which a +3 px box on sharp edges suited slightly better).
+    box_margin_px: float = 1.0
+    use_mask_prompt: bool = True
     min_area_px: int = 3
     min_iou: float = 0.5
-    hu_sd_factor: float = 3.0
+    hu_sd_factor: float = 2.5
     max_area_growth: float = 2.0
     min_overlap: float = 0.5
     rules: tuple[str, ...] = ("empty", "low_iou", "hu_drift", "area_jump", "low_overlap")
@@ -74,6 +70,22 @@ def hu_stats(slice_hu: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std())
 
 
+def seed_stats(slice_hu: np.ndarray, mask: np.ndarray, erode_px: int = 2) -> tuple[float, float]:
+    """Reference HU (mean, SD) of a seed mask for the ``hu_drift`` rule: the mean of its core (``erode_px``
+    inside the outline, when a quarter of the mask is left), the SD of the whole mask.
+
+    The outline mixes lesion and surroundings and pulls the mean towards them: on a synthetic 120 HU lesion in
+    20 HU tissue the whole-mask mean (107 HU) let masks of pure surrounding tissue pass; the core's (118 HU)
+    does not. The whole-mask SD keeps the tolerance wide enough for the partial-volume end slices of lung
+    nodules (mean -100 to -200 HU around a +50 HU seed), which the core's SD cut off.
+    """
+    core = ndi.binary_erosion(mask, iterations=erode_px)
+    mean, sd = hu_stats(slice_hu, mask)
+    if np.count_nonzero(core) >= 0.25 * np.count_nonzero(mask):
+        mean = hu_stats(slice_hu, core)[0]
+    return mean, sd
+
+
 def _best_overlap_component(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """The 8-connected component of ``mask`` overlapping ``previous`` most (the lesion's continuation)."""
     labels, count = ndi.label(mask, structure=np.ones((3, 3)))
@@ -85,7 +97,7 @@ def _best_overlap_component(mask: np.ndarray, previous: np.ndarray) -> np.ndarra
     return labels == 1 + int(np.argmax(overlap))
 
 
-def stop_reason(result: SliceResult, previous: SliceResult, slice_hu, seed_stats, settings) -> str | None:
+def stop_reason(result: SliceResult, previous: SliceResult, slice_hu, reference, settings) -> str | None:
     """The first stop rule that ``result`` breaks, or None if the slice belongs to the lesion."""
     area = int(np.count_nonzero(result.mask))
     rules = settings.rules
@@ -95,7 +107,7 @@ def stop_reason(result: SliceResult, previous: SliceResult, slice_hu, seed_stats
         return "low_iou"
     if "hu_drift" in rules:
         mean, _ = hu_stats(slice_hu, result.mask)
-        if abs(mean - seed_stats[0]) > settings.hu_sd_factor * max(seed_stats[1], 1.0):
+        if abs(mean - reference[0]) > settings.hu_sd_factor * max(reference[1], 1.0):
             return "hu_drift"
     if "area_jump" in rules and area > settings.max_area_growth * max(1, np.count_nonzero(previous.mask)):
         return "area_jump"
@@ -104,27 +116,15 @@ def stop_reason(result: SliceResult, previous: SliceResult, slice_hu, seed_stats
     return None
 
 
-def edge_contrast(slice_hu: np.ndarray, mask: np.ndarray, ring_px: int = 3) -> float:
-    """|mean HU inside - mean HU in a ring of ``ring_px`` around the mask| / SD inside (>= 10 HU)."""
-    ring = ndi.binary_dilation(mask, iterations=ring_px) & ~mask
-    if not ring.any() or not mask.any():
-        return 0.0
-    inside = slice_hu[mask].astype(np.float64)
-    return float(abs(inside.mean() - slice_hu[ring].astype(np.float64).mean()) / max(inside.std(), 10.0))
-
-
 def predict_next(predictor, slice_index: int, previous: SliceResult, settings: PropagationSettings,
                  crop=None, blocked: np.ndarray | None = None) -> SliceResult:
     """Predict slice ``slice_index`` prompted by the adjacent slice's result."""
-    # Contrast of the previous mask's outline on this slice (adjacent slices share their anatomy).
-    sharp = edge_contrast(predictor.volume[slice_index], previous.mask) >= settings.high_contrast
-    margin = settings.high_contrast_margin_px if sharp else settings.box_margin_px
-    use_mask = settings.high_contrast_mask_prompt if sharp else settings.use_mask_prompt
+    margin = settings.box_margin_px
     box = mask_box(previous.mask) + np.array([-margin, -margin, margin, margin])
     centre, half = (box[:2] + box[2:]) / 2.0, np.maximum((box[2:] - box[:2]) / 2.0, 1.0)  # never inverted
     box = clip_box(np.concatenate([centre - half, centre + half]), predictor.volume.shape[1:])
     prediction = predictor.predict(slice_index, box=box, crop=crop,
-                                   mask_logits=previous.logits if use_mask else None)
+                                   mask_logits=previous.logits if settings.use_mask_prompt else None)
     mask = prediction.mask if blocked is None else prediction.mask & ~blocked
     if mask.any():
         mask = _best_overlap_component(mask, previous.mask)
@@ -142,7 +142,7 @@ def propagate(predictor, seed_index: int, seed: SliceResult, direction: int, z_r
     Raises :class:`Cancelled` when ``cancel`` is set.
     """
     volume = predictor.volume
-    seed_stats = hu_stats(volume[seed_index], seed.mask)
+    reference = seed_stats(volume[seed_index], seed.mask)
     results: dict[int, SliceResult] = {}
     previous, k = seed, seed_index + direction
     reason = "end_of_range"
@@ -151,7 +151,7 @@ def propagate(predictor, seed_index: int, seed: SliceResult, direction: int, z_r
             raise Cancelled("segmentation cancelled")
         blocked = None if blocked_volume is None else blocked_volume[k]
         result = predict_next(predictor, k, previous, settings, crop, blocked)
-        reason = stop_reason(result, previous, volume[k], seed_stats, settings)
+        reason = stop_reason(result, previous, volume[k], reference, settings)
         if reason is not None:
             break
         results[k] = result

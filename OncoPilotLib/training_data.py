@@ -36,7 +36,7 @@ DEFAULT_PROMPT_MIX = {"point": 0.15, "points": 0.10, "box": 0.20, "box_point": 0
 # on the inner validation lesions (0.73 -> 0.64 after 60 steps) and on the held-out ones (0.77 -> 0.64 at +5 px).
 BOX_MARGIN_CHOICES = (2.0, 5.0, 15.0, 30.0)
 BOX_MARGIN_PROBS = (0.35, 0.30, 0.25, 0.10)
-PROPAGATION_MARGIN_PX = 3.0  # propagation.PropagationSettings.box_margin_px
+PROPAGATION_MARGIN_PX = 3.0  # base margin of the 'mask_box' prompt (propagation now sends +1 px; jitter covers it)
 MASK_PROMPT_LOGIT = 10.0  # amplitude of a hard mask turned into logits for evaluation (training draws 3-20)
 
 

@@ -171,7 +171,7 @@ def test_tiny_training_run_writes_a_loadable_checkpoint(tmp_path, data_dir):
     import torch
 
     from OncoPilotLib.models import load_model
-    from OncoPilotLib.predictor import VolumePredictor
+    from OncoPilotLib.predictor import VolumePredictor, model_tag
     from OncoPilotLib.training import TrainConfig, train
 
     torch.set_num_threads(1)
@@ -186,8 +186,12 @@ def test_tiny_training_run_writes_a_loadable_checkpoint(tmp_path, data_dir):
     loaded = load_model(result.checkpoint, device="cpu")
     assert loaded.metadata["train_lesions"] == ["lidc_0001_n1", "lidc_0003_n1"]
     assert loaded.metadata["steps_run"] == 2 and loaded.metadata["trained_parts"] == ["prompt_encoder", "mask_decoder"]
-    base = load_model("litemedsam", device="cpu").network.state_dict()
+    base_model = load_model("litemedsam", device="cpu")
+    base = base_model.network.state_dict()
     state = loaded.network.state_dict()
+    # A decoder-only fine-tune has the base encoder: it shares the base model's on-disk embedding cache.
+    assert model_tag(loaded, (-500, 1000)) == model_tag(base_model, (-500, 1000))
+    assert model_tag(loaded, (-500, 1000)) != model_tag(base_model, (-160, 240))
     assert torch.equal(state["image_encoder.neck.0.weight"], base["image_encoder.neck.0.weight"])
     assert not torch.equal(state["mask_decoder.iou_token.weight"], base["mask_decoder.iou_token.weight"])
     predictor = VolumePredictor(loaded)

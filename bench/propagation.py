@@ -28,9 +28,11 @@ VARIANTS = {
     "only 'empty'": PropagationSettings(rules=("empty",)),
     **{f"all but {rule}": PropagationSettings(rules=tuple(r for r in ALL_RULES if r != rule))
        for rule in ALL_RULES if rule != "empty"},
-    "box +3 px, mask prompt": replace(PropagationSettings(), box_margin_px=3.0, use_mask_prompt=True),
-    "box +0 px": replace(PropagationSettings(), box_margin_px=0.0),
-    "box -2 px + mask prompt": replace(PropagationSettings(), use_mask_prompt=True),
+    "box -2 px, no mask prompt (first rule)": replace(PropagationSettings(), box_margin_px=-2.0,
+                                                      use_mask_prompt=False),
+    "box +0 px + mask prompt": replace(PropagationSettings(), box_margin_px=0.0),
+    "box +3 px + mask prompt": replace(PropagationSettings(), box_margin_px=3.0),
+    "box +1 px, no mask prompt": replace(PropagationSettings(), use_mask_prompt=False),
 }
 
 
