@@ -30,6 +30,8 @@ TRUNCATED_PENALTY = 0.5
 BORDER_PENALTY = 0.5
 # A drawn box is also tried shrunk about its centre by these factors (a loose box misleads LiteMedSAM).
 BOX_SHRINK_FACTORS = (0.55, 0.7, 0.85)
+# Candidates re-decoded with their own tight box (scored by predicted IoU x self-consistency).
+SECOND_PASS_CANDIDATES = 4
 
 
 @dataclass
@@ -136,15 +138,20 @@ def seed_from_click(predictor, slice_index: int, point_ij, spacing_xy, crop=None
 def _seed_from_boxes(predictor, slice_index: int, boxes: np.ndarray, keep, crop) -> SeedResult | None:
     """Decode (B, 4) candidate boxes in one batch, keep the relevant part of each mask, return the best."""
     shape = predictor.volume.shape[1:]
-    candidates = []
+    candidates, first_scores = [], []
     for box, prediction in zip(boxes, predictor.predict_batch(slice_index, boxes, crop=crop)):
         mask = keep(prediction.mask)
         bounds = mask_box(mask)
         if bounds is not None:
-            candidates.append((mask, bounds, _touches(bounds, box, shape)))
+            touches = _touches(bounds, box, shape)
+            candidates.append((mask, bounds, touches))
+            first_scores.append(prediction.iou * (TRUNCATED_PENALTY if touches else 1.0)
+                                * (BORDER_PENALTY if _touches_border(bounds, shape) else 1.0))
     if not candidates:
         return None
-    return _best_candidate(predictor, slice_index, candidates, keep, crop)
+    # A batch of B prompts costs ~B decodes: only the best first-pass candidates get the second pass.
+    best_first = sorted(np.argsort(first_scores)[::-1][:SECOND_PASS_CANDIDATES])
+    return _best_candidate(predictor, slice_index, [candidates[i] for i in best_first], keep, crop)
 
 
 def _keeper(pixel, blocked):
