@@ -29,7 +29,7 @@ class PropagationSettings:
 
     # LiteMedSAM fills whatever box it is given where the CT shows no clear edge (sarcoma in muscle), so the box
     # margin decides whether the mask grows, holds or fades from slice to slice. Measured on the shared lesions
-    # (GT box + 15 px seed, same seed for every variant; bench/propagation.py and docs/BENCHMARKS.md): the
+    # (GT box + 15 px seed, same seed for every variant; docs/BENCHMARKS.md section 3): the
     # previous mask's box shrunk by 2 px (the first rule) made sarcomas fade within a few slices (mean 3D Dice
     # 0.53 on 13 lesions, volume 0.25-0.6x the truth); +3 px with the logits ran through whole crops (0.65);
     # +1 px with the previous logits as mask prompt held the lesion best (0.67; 0.80 -> 0.78/0.74 on the two
