@@ -52,6 +52,11 @@ def edit_slice(session, lesion, k: int, point, positive: bool, blocked2d: np.nda
     return SliceResult(mask, mask_logits(mask), 1.0)
 
 
+def _click_seed(session, lesion, k, point, blocked2d):
+    """The click seed (as for a new lesion) at ``point`` on slice k, in the lesion's zoom crop."""
+    return seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+
+
 def _grown_part(session, lesion, k, current, point, blocked2d) -> np.ndarray:
     pixel = (int(round(point[0])), int(round(point[1])))
     corners = np.vstack([mask_box(current).reshape(2, 2), np.asarray(point, float)[None] - 3,
@@ -63,13 +68,13 @@ def _grown_part(session, lesion, k, current, point, blocked2d) -> np.ndarray:
     band = (distance <= distance[pixel[1], pixel[0]] + BAND_MARGIN_PX) & ~blocked2d
     part = component_at((prediction.mask | current) & band, pixel)
     if not part.any():  # the box prompt ignored the click: outline what lies under it instead
-        seed = seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+        seed = _click_seed(session, lesion, k, point, blocked2d)
         part = seed.mask & band if seed is not None else part
     return part
 
 
 def _new_slice(session, lesion, k, point, blocked2d) -> np.ndarray:
-    seed = seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+    seed = _click_seed(session, lesion, k, point, blocked2d)
     mask = np.zeros(lesion.mask.shape[1:], dtype=bool) if seed is None else seed.mask.copy()
     filled = lesion.slices
     if len(filled):
@@ -82,7 +87,7 @@ def _new_slice(session, lesion, k, point, blocked2d) -> np.ndarray:
 def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
     """Pixels a negative click removes: what a click seed there outlines, unless that is the lesion itself."""
     pixel = (int(round(point[0])), int(round(point[1])))
-    seed = seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+    seed = _click_seed(session, lesion, k, point, blocked2d)
     if seed is not None and seed.mask[pixel[1], pixel[0]]:
         overlap = seed.mask & mask
         if np.count_nonzero(overlap) < 0.8 * np.count_nonzero(mask):

@@ -145,8 +145,7 @@ def _seed_from_boxes(predictor, slice_index: int, boxes: np.ndarray, keep, crop)
         if bounds is not None:
             touches = _touches(bounds, box, shape)
             candidates.append((mask, bounds, touches))
-            first_scores.append(prediction.iou * (TRUNCATED_PENALTY if touches else 1.0)
-                                * (BORDER_PENALTY if _touches_border(bounds, shape) else 1.0))
+            first_scores.append(prediction.iou * _penalty(bounds, touches, shape))
     if not candidates:
         return None
     # A batch of B prompts costs ~B decodes: only the best first-pass candidates get the second pass.
@@ -166,6 +165,11 @@ def _touches_border(bounds: np.ndarray, shape) -> bool:
     return bool(bounds[0] <= 0 or bounds[1] <= 0 or bounds[2] >= shape[1] - 1 or bounds[3] >= shape[0] - 1)
 
 
+def _penalty(bounds: np.ndarray, touches_box: bool, shape) -> float:
+    """Score factor of a candidate mask: halved if it touches its prompt box, halved if it reaches the slice edge."""
+    return (TRUNCATED_PENALTY if touches_box else 1.0) * (BORDER_PENALTY if _touches_border(bounds, shape) else 1.0)
+
+
 def _best_candidate(predictor, slice_index, candidates, keep, crop) -> SeedResult | None:
     """The candidate with the best score = predicted IoU x self-consistency x penalties, tightened.
 
@@ -183,12 +187,11 @@ def _best_candidate(predictor, slice_index, candidates, keep, crop) -> SeedResul
         second = keep(again.mask)
         if not second.any():
             continue
-        score = again.iou * iou(mask, second) * (TRUNCATED_PENALTY if touches else 1.0)
-        score *= BORDER_PENALTY if _touches_border(bounds, shape) else 1.0
-        scored.append((score, int(second.sum()), SeedResult(second, again.logits, again.iou, box)))
+        score = again.iou * iou(mask, second) * _penalty(bounds, touches, shape)
+        scored.append((score, SeedResult(second, again.logits, again.iou, box)))
     if not scored:
         return None
-    best = max(scored, key=lambda item: item[0])[2]
+    best = max(scored, key=lambda item: item[0])[1]
     return tighten(predictor, slice_index, best.box, keep, crop, iterations=2) or best
 
 
