@@ -174,3 +174,24 @@ def test_nothing_found_is_said(model):
         assert "no lesion found" in str(error)
     else:  # the model may outline a uniform region; then it must at least contain the click
         assert lesion.mask[2, 32, 32]
+
+
+def test_logit_memory_mixes_the_previous_slice(nodule):
+    """The next slice's logits are (1 - m) * the decoder's + m * the previous slice's, and the mask is their sign."""
+    from dataclasses import replace
+
+    from OncoPilotLib.propagation import PropagationSettings, SliceResult, predict_next
+
+    ct, truth, predictor = nodule
+    if predictor.volume is not ct.array:
+        predictor.set_volume(ct.array, ct.geometry.spacing)
+    k = int(np.flatnonzero(truth.any(axis=(1, 2))).mean().round())
+    seed = predictor.predict(k, box=np.array([*np.argwhere(truth[k])[:, ::-1].min(0) - 3,
+                                               *np.argwhere(truth[k])[:, ::-1].max(0) + 3], float))
+    previous = SliceResult(seed.mask, seed.logits, seed.iou)
+    plain = predict_next(predictor, k + 1, previous, replace(PropagationSettings(), logit_memory=0.0))
+    mixed = predict_next(predictor, k + 1, previous, replace(PropagationSettings(), logit_memory=0.5))
+    np.testing.assert_allclose(mixed.logits, 0.5 * plain.logits + 0.5 * seed.logits, atol=1e-4)
+    assert not np.array_equal(mixed.logits, plain.logits)
+    assert np.array_equal(mixed.mask[mixed.mask], (mixed.logits > 0)[mixed.mask])  # mask pixels have logit > 0
+    assert mixed.mask.any() and dice(mixed.mask, truth[k + 1]) > 0.5

@@ -33,6 +33,7 @@ VARIANTS = {
     "box +0 px + mask prompt": replace(PropagationSettings(), box_margin_px=0.0),
     "box +3 px + mask prompt": replace(PropagationSettings(), box_margin_px=3.0),
     "box +1 px, no mask prompt": replace(PropagationSettings(), use_mask_prompt=False),
+    "no logit memory": replace(PropagationSettings(), logit_memory=0.0),
 }
 
 
