@@ -7,11 +7,13 @@ every slice. Edits are therefore local and bounded:
 
 - positive click outside the mask on a slice that has one: the model's mask for the mask's box grown to the
   click, limited to the click's component and to a band around the current mask that just reaches the click,
-  is added;
+  is added (growing the box and band as far again past the click: same 32-lesion point-edit Dice, 0.665 ->
+  0.664, better on under-segmented sarcomas, worse on lidc_0003_n1, 0.85 -> 0.68; not taken);
 - positive click on a slice without mask (the lesion was cut short): a click seed, as for a new lesion, at most
   twice the area of the nearest slice of the lesion (else limited to 5 px around that slice's outline);
-- negative click inside the mask: the region a click seed there outlines is removed (the structure the mask
-  leaked into), or the whole connected part under the click when that seed would take the lesion itself.
+- negative click inside the mask: on a small part of the mask (a lesion end, a leak blob) the part, or what a
+  click seed there outlines, is removed; on a large part the rim under the click is trimmed (see
+  :func:`_region_to_remove`).
 
 The edited slice is then propagated away from the seed slice (both ways when the seed slice itself was edited)
 until a slice's new mask agrees with its old one (IoU >= 0.9); an emptied slice removes the lesion beyond it.
@@ -22,13 +24,16 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .prompts import clip_box, component_at, iou, mask_box, seed_from_click
+from .prompts import clip_box, component_at, iou, largest_component, mask_box, seed_from_click
 from .propagation import Cancelled, SliceResult, predict_next, seed_stats, stop_reason
 
 _MASK_LOGIT = 10.0
 STABLE_IOU = 0.9
 SEED_AREA_LIMIT = 2.0
 BAND_MARGIN_PX = 3
+# A negative click on a part of the mask smaller than this fraction of the lesion's largest slice removes the part
+# (a lesion end or a leak blob); on a larger part it trims the rim it lands in.
+SMALL_PART = 0.25
 
 
 def mask_logits(mask: np.ndarray) -> np.ndarray:
@@ -85,14 +90,51 @@ def _new_slice(session, lesion, k, point, blocked2d) -> np.ndarray:
 
 
 def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
-    """Pixels a negative click removes: what a click seed there outlines, unless that is the lesion itself."""
+    """Pixels a negative click removes.
+
+    A click on a small part (under ``SMALL_PART`` of the lesion's largest slice: a lesion end the mask ran past,
+    a leak blob) removes that part (and the lesion beyond it, by re-propagation); what a click seed there
+    outlines goes when it is clearly less than the part. A click on a large part, or any click on the seed slice
+    (which anchors the lesion: emptying it deletes the lesion), trims the rim it lands in: the box edge nearest
+    the click moves just past it, the slice is re-predicted, and what the new mask leaves out beyond that edge
+    (or farther than ``BAND_MARGIN_PX`` from it) goes. Measured on the 32 shared lesions: removing the whole part
+    under every negative click emptied over-segmented slices (the simulated click lands in the over-grown rim)
+    and with them the lesion beyond, 3D Dice 0.38 -> 0.00 on sts_023, 0.68 -> 0.46 on sts_020.
+    """
     pixel = (int(round(point[0])), int(round(point[1])))
-    seed = _click_seed(session, lesion, k, point, blocked2d)
-    if seed is not None and seed.mask[pixel[1], pixel[0]]:
-        overlap = seed.mask & mask
-        if np.count_nonzero(overlap) < 0.8 * np.count_nonzero(mask):
-            return overlap
-    return component_at(mask, pixel)
+    part = component_at(mask, pixel)
+    largest = max(np.count_nonzero(lesion.mask[j]) for j in lesion.slices)
+    if k != lesion.seed_slice and np.count_nonzero(part) < SMALL_PART * largest:
+        seed = _click_seed(session, lesion, k, point, blocked2d)
+        if seed is not None and seed.mask[pixel[1], pixel[0]]:
+            overlap = seed.mask & mask
+            if np.count_nonzero(overlap) < 0.8 * np.count_nonzero(mask):
+                return overlap
+        return part
+    box = mask_box(part)
+    # Distances from the click to the left, top, right, bottom edges; the nearest edge moves past the click.
+    gaps = np.array([point[0] - box[0], point[1] - box[1], box[2] - point[0], box[3] - point[1]])
+    side = int(np.argmin(gaps))
+    box[side] = point[side % 2] + (1.0 if side < 2 else -1.0)
+    prediction = session.predictor.predict(k, box=clip_box(box, mask.shape), crop=lesion.crop,
+                                           mask_logits=lesion.logits.get(k, mask_logits(mask)))
+    kept = largest_component(prediction.mask & part)
+    kept[pixel[1], pixel[0]] = False
+    # Only what lies beyond the moved edge, on the click's side, may go: the rest of the outline stays.
+    beyond = np.zeros_like(part)
+    if side == 0:
+        beyond[:, :int(np.ceil(box[0]))] = True
+    elif side == 1:
+        beyond[:int(np.ceil(box[1])), :] = True
+    elif side == 2:
+        beyond[:, int(np.floor(box[2])) + 1:] = True
+    else:
+        beyond[int(np.floor(box[3])) + 1:, :] = True
+    removed = part & ~kept & (beyond | ~ndi.binary_dilation(kept, iterations=BAND_MARGIN_PX))
+    if not kept.any():  # the model found nothing inside the moved box: remove the pixel and its rim only
+        removed = part & beyond
+    removed[pixel[1], pixel[0]] = True
+    return removed
 
 
 def repropagate(session, lesion, k: int, result: SliceResult, blocked, cancel=None, on_slice=None) -> None:
