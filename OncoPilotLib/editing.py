@@ -11,9 +11,8 @@ every slice. Edits are therefore local and bounded:
   0.664, better on under-segmented sarcomas, worse on lidc_0003_n1, 0.85 -> 0.68; not taken);
 - positive click on a slice without mask (the lesion was cut short): a click seed, as for a new lesion, at most
   twice the area of the nearest slice of the lesion (else limited to 5 px around that slice's outline);
-- negative click inside the mask: on a small part of the mask (a lesion end, a leak blob) the part, or what a
-  click seed there outlines, is removed; on a large part the rim under the click is trimmed (see
-  :func:`_region_to_remove`).
+- negative click inside the mask: on a small part of the mask (a lesion end, a leak blob) the part is removed;
+  on a large part the rim under the click is trimmed (see :func:`_region_to_remove`).
 
 The edited slice is then propagated away from the seed slice (both ways when the seed slice itself was edited)
 until a slice's new mask agrees with its old one (IoU >= 0.9); an emptied slice removes the lesion beyond it.
@@ -93,23 +92,18 @@ def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
     """Pixels a negative click removes.
 
     A click on a small part (under ``SMALL_PART`` of the lesion's largest slice: a lesion end the mask ran past,
-    a leak blob) removes that part (and the lesion beyond it, by re-propagation); what a click seed there
-    outlines goes when it is clearly less than the part. A click on a large part, or any click on the seed slice
-    (which anchors the lesion: emptying it deletes the lesion), trims the rim it lands in: the box edge nearest
-    the click moves just past it, the slice is re-predicted, and what the new mask leaves out beyond that edge
-    (or farther than ``BAND_MARGIN_PX`` from it) goes. Measured on the 32 shared lesions: removing the whole part
-    under every negative click emptied over-segmented slices (the simulated click lands in the over-grown rim)
-    and with them the lesion beyond, 3D Dice 0.38 -> 0.00 on sts_023, 0.68 -> 0.46 on sts_020.
+    a leak blob) removes that part (and the lesion beyond it, by re-propagation). A click on a large part, or
+    any click on the seed slice (which anchors the lesion: emptying it deletes the lesion), trims the rim it
+    lands in: the box edge nearest the click moves just past it, the slice is re-predicted, and what the new
+    mask leaves out beyond that edge (or farther than ``BAND_MARGIN_PX`` from it) goes. Measured on the 32
+    shared lesions: removing the whole part under every negative click emptied over-segmented slices (the
+    simulated click lands in the over-grown rim) and with them the lesion beyond, 3D Dice 0.38 -> 0.00 on
+    sts_023, 0.68 -> 0.46 on sts_020.
     """
     pixel = (int(round(point[0])), int(round(point[1])))
     part = component_at(mask, pixel)
     largest = max(np.count_nonzero(lesion.mask[j]) for j in lesion.slices)
     if k != lesion.seed_slice and np.count_nonzero(part) < SMALL_PART * largest:
-        seed = _click_seed(session, lesion, k, point, blocked2d)
-        if seed is not None and seed.mask[pixel[1], pixel[0]]:
-            overlap = seed.mask & mask
-            if np.count_nonzero(overlap) < 0.8 * np.count_nonzero(mask):
-                return overlap
         return part
     box = mask_box(part)
     # Distances from the click to the left, top, right, bottom edges; the nearest edge moves past the click.
@@ -120,7 +114,8 @@ def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
                                            mask_logits=lesion.logits.get(k, mask_logits(mask)))
     kept = largest_component(prediction.mask & part)
     kept[pixel[1], pixel[0]] = False
-    # Only what lies beyond the moved edge, on the click's side, may go: the rest of the outline stays.
+    # What the new mask leaves out goes where it lies beyond the moved edge or well away from the new mask; a thin
+    # disagreement elsewhere along the outline stays.
     beyond = np.zeros_like(part)
     if side == 0:
         beyond[:, :int(np.ceil(box[0]))] = True

@@ -147,7 +147,7 @@ def test_bad_prompts_get_clear_errors(nodule):
         SegmentationSession(ct.array[0], model=nodule[2])
 
 
-def test_stop_rules_on_a_synthetic_lesion(model):
+def test_stop_rules_on_a_synthetic_lesion(model, monkeypatch):
     """A bright ellipsoid (17 slices) in a noisy soft-tissue background: propagation stops near its ends."""
     rng = np.random.default_rng(0)
     k, j, i = np.mgrid[:31, :128, :128]
@@ -163,6 +163,18 @@ def test_stop_rules_on_a_synthetic_lesion(model):
     assert dice(lesion.mask, truth) >= 0.85
     assert abs(len(lesion.slices) - spanned) <= 3
 
+    # A negative click on a part smaller than SMALL_PART of the largest slice removes it and the lesion beyond
+    # it (here every part counts as small); on the seed slice it only trims.
+    import OncoPilotLib.editing as editing
+
+    monkeypatch.setattr(editing, "SMALL_PART", 1.01)
+    end = int(lesion.slices[-3])
+    session.edit(lesion.id, (64.0, 60.0, float(end)), positive=False)
+    assert not lesion.mask[end:].any() and lesion.mask[end - 1].any()
+    session.edit(lesion.id, (64.0, 60.0, 15.0), positive=False)
+    assert lesion.mask[15].any() and not lesion.mask[15, 60, 64]
+
+
 
 def test_nothing_found_is_said(model):
     flat = np.full((5, 64, 64), 40, np.int16)
@@ -177,7 +189,7 @@ def test_nothing_found_is_said(model):
 
 
 def test_logit_memory_mixes_the_previous_slice(nodule):
-    """The next slice's logits are (1 - m) * the decoder's + m * the previous slice's, and the mask is their sign."""
+    """The next slice's logits are (1 - m) * the decoder's + m * the previous slice's; the mask is their sign."""
     from dataclasses import replace
 
     from OncoPilotLib.propagation import PropagationSettings, SliceResult, predict_next
@@ -195,3 +207,21 @@ def test_logit_memory_mixes_the_previous_slice(nodule):
     assert not np.array_equal(mixed.logits, plain.logits)
     assert np.array_equal(mixed.mask[mixed.mask], (mixed.logits > 0)[mixed.mask])  # mask pixels have logit > 0
     assert mixed.mask.any() and dice(mixed.mask, truth[k + 1]) > 0.5
+
+
+def test_negative_click_trims_a_large_part(nodule):
+    """A negative click in the outline of the seed slice trims it (it never empties the lesion)."""
+    ct, truth, _ = nodule
+    session = _session(nodule)
+    lesion = session.segment(PointPrompt(_click(truth)))
+    k = lesion.seed_slice
+    before = lesion.mask.copy()
+    rows, cols = np.nonzero(before[k])
+    edge = int(np.argmin(cols))  # the leftmost pixel: on the outline
+    session.edit(lesion.id, (float(cols[edge]), float(rows[edge]), float(k)), positive=False)
+    assert not lesion.mask[k, rows[edge], cols[edge]]
+    kept = np.count_nonzero(lesion.mask[k])
+    assert 0.5 * np.count_nonzero(before[k]) <= kept < np.count_nonzero(before[k]), "trimmed, not emptied"
+    assert not (lesion.mask[k] & ~before[k]).any(), "a negative click never adds"
+    session.undo(lesion.id)
+    assert np.array_equal(lesion.mask, before)
