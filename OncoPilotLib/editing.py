@@ -110,6 +110,10 @@ def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
     gaps = np.array([point[0] - box[0], point[1] - box[1], box[2] - point[0], box[3] - point[1]])
     side = int(np.argmin(gaps))
     box[side] = point[side % 2] + (1.0 if side < 2 else -1.0)
+    if box[2] - box[0] < 1.0 or box[3] - box[1] < 1.0:  # a part too thin to re-predict: only the pixel goes
+        removed = np.zeros_like(part)
+        removed[pixel[1], pixel[0]] = True
+        return removed
     prediction = session.predictor.predict(k, box=clip_box(box, mask.shape), crop=lesion.crop,
                                            mask_logits=lesion.logits.get(k, mask_logits(mask)))
     kept = largest_component(prediction.mask & part)
@@ -126,7 +130,7 @@ def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
     else:
         beyond[int(np.floor(box[3])) + 1:, :] = True
     removed = part & ~kept & (beyond | ~ndi.binary_dilation(kept, iterations=BAND_MARGIN_PX))
-    if not kept.any():  # the model found nothing inside the moved box: remove the pixel and its rim only
+    if not kept.any():  # the model found nothing inside the moved box: remove what lies beyond the moved edge
         removed = part & beyond
     removed[pixel[1], pixel[0]] = True
     return removed

@@ -40,7 +40,7 @@ class PropagationSettings:
     # The next slice's logits are mixed with the previous slice's: (1 - m) * new + m * previous. On weak edges the
     # box alone decides, so masks fade or grow a few pixels a slice; the memory damps that drift. Measured on the
     # 32 shared lesions (bbox seed; docs/BENCHMARKS.md section 3): mean 3D Dice 0.613 -> 0.642 at m = 0.5 (0.611
-    # -> 0.698 from a GT box + 3 px seed); averaging the masks of several box margins instead gave 0.626.
+    # -> 0.698 from a GT box + 3 px seed); averaging the logits of several box margins instead gave 0.626.
     logit_memory: float = 0.5
     min_area_px: int = 3
     min_iou: float = 0.5
