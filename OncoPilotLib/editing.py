@@ -57,8 +57,8 @@ def edit_slice(session, lesion, k: int, point, positive: bool, blocked2d: np.nda
 
 
 def _click_seed(session, lesion, k, point, blocked2d):
-    """The click seed (as for a new lesion) at ``point`` on slice k, in the lesion's zoom crop."""
-    return seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], lesion.crop, blocked2d)
+    """The click seed (as for a new lesion) at ``point`` on slice k (whole-slice embeddings, as propagation)."""
+    return seed_from_click(session.predictor, k, point, session.geometry.spacing[:2], blocked=blocked2d)
 
 
 def _grown_part(session, lesion, k, current, point, blocked2d) -> np.ndarray:
@@ -66,8 +66,7 @@ def _grown_part(session, lesion, k, current, point, blocked2d) -> np.ndarray:
     corners = np.vstack([mask_box(current).reshape(2, 2), np.asarray(point, float)[None] - 3,
                          np.asarray(point, float)[None] + 3])
     box = clip_box(np.concatenate([corners.min(0), corners.max(0)]), current.shape)
-    prediction = session.predictor.predict(k, box=box, crop=lesion.crop,
-                                           mask_logits=lesion.logits.get(k, mask_logits(current)))
+    prediction = session.predictor.predict(k, box=box, mask_logits=lesion.logits.get(k, mask_logits(current)))
     distance = ndi.distance_transform_edt(~current)
     band = (distance <= distance[pixel[1], pixel[0]] + BAND_MARGIN_PX) & ~blocked2d
     part = component_at((prediction.mask | current) & band, pixel)
@@ -114,7 +113,7 @@ def _region_to_remove(session, lesion, k, mask, point, blocked2d) -> np.ndarray:
         removed = np.zeros_like(part)
         removed[pixel[1], pixel[0]] = True
         return removed
-    prediction = session.predictor.predict(k, box=clip_box(box, mask.shape), crop=lesion.crop,
+    prediction = session.predictor.predict(k, box=clip_box(box, mask.shape),
                                            mask_logits=lesion.logits.get(k, mask_logits(mask)))
     kept = largest_component(prediction.mask & part)
     kept[pixel[1], pixel[0]] = False
@@ -153,7 +152,7 @@ def _repropagate_one_way(session, lesion, k, result, direction, reference, block
         empty = np.zeros_like(previous.mask)
         new = SliceResult(empty, mask_logits(empty), 1.0)
         if previous.mask.any() and reference is not None:
-            guess = predict_next(session.predictor, j, previous, session.settings, lesion.crop, blocked[j])
+            guess = predict_next(session.predictor, j, previous, session.settings, blocked=blocked[j])
             if not stop_reason(guess, previous, session.volume[j], reference, session.settings):
                 new = guess
         old = lesion.mask[j].copy()

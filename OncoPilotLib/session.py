@@ -84,7 +84,8 @@ class Lesion:
         mask: (K, J, I) bool.
         mode: 'point', 'box', 'roi', then 'point-edit' once edited.
         seed_slice: k of the seed; z_range: (k_min, k_max) propagation was allowed in.
-        crop: (x0, y0, x1, y1) zoom region encoded for this lesion, or None for whole slices.
+        seed_crop: (x0, y0, x1, y1) zoom region the seed slice was encoded in (a small lesion), or None for the whole
+            slice. Propagation and edits always use whole-slice embeddings (see :mod:`OncoPilotLib.zoom`).
         clicks: edit clicks as ((i, j, k), positive).
         locked: a locked lesion is never changed by edits.
     """
@@ -95,7 +96,7 @@ class Lesion:
     mode: str
     seed_slice: int
     z_range: tuple[int, int]
-    crop: tuple[int, int, int, int] | None = None
+    seed_crop: tuple[int, int, int, int] | None = None
     clicks: list = field(default_factory=list)
     locked: bool = False
     logits: dict = field(default_factory=dict, repr=False)
@@ -315,8 +316,8 @@ class SegmentationSession:
 
         start = SliceResult(seed.mask, seed.logits, seed.iou)
         for direction in (+1, -1):
-            propagate(self.predictor, seed_slice, start, direction, lesion.z_range, self.settings, lesion.crop,
-                      blocked, on_slice, cancel, lesion.log)
+            propagate(self.predictor, seed_slice, start, direction, lesion.z_range, self.settings,
+                      blocked_volume=blocked, on_slice=on_slice, cancel=cancel, log=lesion.log)
         if progress is not None:
             progress(ProgressEvent("done", seed_slice, done[0], total, None))
 

@@ -225,3 +225,29 @@ def test_negative_click_trims_a_large_part(nodule):
     assert not (lesion.mask[k] & ~before[k]).any(), "a negative click never adds"
     session.undo(lesion.id)
     assert np.array_equal(lesion.mask, before)
+
+
+def test_small_lesion_in_a_whole_slice_zooms_only_its_seed(data_dir, model, monkeypatch):
+    """The lidc_0001 nodule in its whole 512 x 512 slab: the seed slice is re-encoded as a zoomed crop, every
+    other slice is decoded on whole-slice embeddings (what the background prefetch encodes), and the nodule is
+    found (3D Dice 0.84 when this test was written; 0.80 with the crop on every slice)."""
+    ct = read_volume(data_dir / "volumes" / "lidc_0001_ct.nii.gz")
+    truth = read_mask(data_dir / "volumes" / "lidc_0001_nodule1_mask.nii.gz", like=ct) > 0
+    predictor = VolumePredictor(model)
+    encoded = []
+    encode = predictor._encode
+
+    def recording_encode(slice_index, transform):
+        encoded.append((slice_index, transform.crop))
+        return encode(slice_index, transform)
+
+    monkeypatch.setattr(predictor, "_encode", recording_encode)
+    session = SegmentationSession(ct.array, ct.geometry, model=predictor)
+    lesion = session.segment(PointPrompt(_click(truth)))
+    score = dice(lesion.mask, truth)
+    print(f"lidc_0001 nodule in its slab: 3D Dice {score:.3f}, seed crop {lesion.seed_crop}, encodes {encoded}")
+    whole = (0, 0, ct.array.shape[2], ct.array.shape[1])
+    assert lesion.seed_crop is not None and lesion.seed_crop != whole
+    assert [k for k, crop in encoded if crop != whole] == [lesion.seed_slice]
+    assert {k for k, crop in encoded if crop == whole} >= set(lesion.slices.tolist())
+    assert score >= 0.75
