@@ -1,6 +1,8 @@
 """What each propagation stop rule buys: 3D Dice and slice counts on the shared lesions, bbox and point modes.
 
-Usage: python bench/propagation.py [--ids a,b] [--embedding-cache DIR] [--data ../shared/data]
+Usage: python bench/propagation.py [--ids a,b] [--variants 0,3] [--embedding-cache DIR] [--data ../shared/data]
+
+``--variants`` runs only those variants (numbers as printed), e.g. to split the table over two processes.
 
 Prompts follow the paper's simulation (OncoPilotLib.simulation): GT middle-slice box + 15 px, and the GT
 barycentre click. Each variant runs on the same cached embeddings (only the decoder runs once the cache is
@@ -61,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--ids", default=None)
+    parser.add_argument("--variants", default=None, help="comma-separated variant numbers (default: all)")
     parser.add_argument("--embedding-cache", default=str(Path.home() / ".cache" / "oncopilot" / "embeddings"))
     args = parser.parse_args()
     with open(args.data / "manifest.csv", newline="") as handle:
@@ -73,9 +76,12 @@ def main() -> None:
         ct = read_volume(args.data / "lesions" / f"{lesion_id}_ct.nii.gz")
         cases.append((lesion_id, ct, read_mask(args.data / "lesions" / f"{lesion_id}_mask.nii.gz", like=ct) > 0))
     print(f"{len(ids)} lesions")
-    for name, settings in VARIANTS.items():
+    chosen = None if args.variants is None else {int(v) for v in args.variants.split(",")}
+    for number, (name, settings) in enumerate(VARIANTS.items()):
+        if chosen is not None and number not in chosen:
+            continue
         result = run_variant(cases, predictor, settings)
-        print(f"{name:28s} bbox {result['bbox']:.3f}  point {result['point']:.3f}  "
+        print(f"{number:2d} {name:38s} bbox {result['bbox']:.3f}  point {result['point']:.3f}  "
               f"leaks>2x: {', '.join(result['leaks']) or 'none'}", flush=True)
 
 
