@@ -123,13 +123,13 @@ def stop_reason(result: SliceResult, previous: SliceResult, slice_hu, reference,
 
 
 def predict_next(predictor, slice_index: int, previous: SliceResult, settings: PropagationSettings,
-                 crop=None, blocked: np.ndarray | None = None) -> SliceResult:
-    """Predict slice ``slice_index`` prompted by the adjacent slice's result."""
+                 blocked: np.ndarray | None = None) -> SliceResult:
+    """Predict slice ``slice_index`` prompted by the adjacent slice's result (whole-slice embeddings)."""
     margin = settings.box_margin_px
     box = mask_box(previous.mask) + np.array([-margin, -margin, margin, margin])
     centre, half = (box[:2] + box[2:]) / 2.0, np.maximum((box[2:] - box[:2]) / 2.0, 1.0)  # never inverted
     box = clip_box(np.concatenate([centre - half, centre + half]), predictor.volume.shape[1:])
-    prediction = predictor.predict(slice_index, box=box, crop=crop,
+    prediction = predictor.predict(slice_index, box=box,
                                    mask_logits=previous.logits if settings.use_mask_prompt else None)
     logits = prediction.logits
     if settings.logit_memory:
@@ -143,7 +143,7 @@ def predict_next(predictor, slice_index: int, previous: SliceResult, settings: P
 
 
 def propagate(predictor, seed_index: int, seed: SliceResult, direction: int, z_range: tuple[int, int],
-              settings: PropagationSettings, crop=None, blocked_volume: np.ndarray | None = None,
+              settings: PropagationSettings, blocked_volume: np.ndarray | None = None,
               on_slice: Callable[[int, SliceResult], None] | None = None,
               cancel: threading.Event | None = None, log: PropagationLog | None = None) -> dict[int, SliceResult]:
     """Propagate from ``seed_index`` in ``direction`` (+1 or -1) within ``z_range`` = (k_min, k_max) inclusive.
@@ -161,7 +161,7 @@ def propagate(predictor, seed_index: int, seed: SliceResult, direction: int, z_r
         if cancel is not None and cancel.is_set():
             raise Cancelled("segmentation cancelled")
         blocked = None if blocked_volume is None else blocked_volume[k]
-        result = predict_next(predictor, k, previous, settings, crop, blocked)
+        result = predict_next(predictor, k, previous, settings, blocked)
         reason = stop_reason(result, previous, volume[k], reference, settings)
         if reason is not None:
             break

@@ -1,14 +1,14 @@
 """Zoom (crop) choice for small lesions.
 
 A 512 x 512 slice fed to LiteMedSAM's 256 x 256 input is halved: a 6 mm nodule (~9 px at 0.7 mm) shrinks to
-~4 model pixels. When the seed mask is small relative to the slice, OncoPilot re-encodes the seed slice as a square crop
-around it, so that the lesion spans about a quarter of the model input, and seeds again there.
+~4 model pixels. When the seed mask is small relative to the slice, OncoPilot re-encodes the seed slice as a
+square crop around it, so that the lesion spans about a quarter of the model input, and seeds again there.
 
 Propagation and edits then use whole-slice embeddings, not the crop. Measured on the four nodules of the whole
 512 x 512 LIDC slabs (docs/BENCHMARKS.md section 4), 3D Dice bbox / point: crop on every slice 0.47 / 0.54,
-zoomed seed then whole slices 0.63 / 0.55, no zoom at all 0.45 / 0.42; identical results on the 32 lesion crops (all three modes). And a
-click where the background prefetch has already encoded the whole slices costs one encode (the seed's crop)
-instead of one per slice of the lesion.
+zoomed seed then whole slices 0.63 / 0.55, no zoom at all 0.45 / 0.42; identical results on the 32 lesion crops
+(all three modes). And a click where the background prefetch has already encoded the whole slices costs one
+encode (the seed's crop) instead of one per slice of the lesion.
 """
 
 from __future__ import annotations

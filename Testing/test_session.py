@@ -175,7 +175,6 @@ def test_stop_rules_on_a_synthetic_lesion(model, monkeypatch):
     assert lesion.mask[15].any() and not lesion.mask[15, 60, 64]
 
 
-
 def test_nothing_found_is_said(model):
     flat = np.full((5, 64, 64), 40, np.int16)
     flat[:, :, :4] = -1000
