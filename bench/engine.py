@@ -1,9 +1,10 @@
-"""Engine speed: encoder ms/slice and decoder ms/prompt for LiteMedSAM fp32 and bf16 autocast, and SAM ViT-B.
+"""Engine speed: encoder ms/slice and decoder ms/prompt for LiteMedSAM (model's own modules, the exact inference
+rewrites of OncoPilotLib/fastpath.py, bf16 autocast) and SAM ViT-B.
 
 Usage: python bench/engine.py [--runs N] [--sam-runs M] [--threads T] [--data ../shared/data]
 
-Prints medians of N timed runs (after one warm-up), the bf16-vs-fp32 mask agreement (2D Dice of the masks
-from the same box prompts on real lesion slices) and SAM ViT-B (random weights: same compute as the real
+Prints medians of N timed runs (after one warm-up), the agreement of the rewrites and of bf16 with the model's
+own fp32 modules (embeddings, logits and 2D Dice of the masks from the same box prompts on real lesion slices) and SAM ViT-B (random weights: same compute as the real
 model) encoding a 1024 x 1024 input. All in one process so that ratios are comparable on a noisy machine.
 """
 
@@ -53,19 +54,37 @@ def encoder_ms(predictor: VolumePredictor, k: int, runs: int) -> list[float]:
 
 
 def bench_litemedsam(model: LoadedModel, data: Path, runs: int) -> None:
-    fp32, bf16 = VolumePredictor(model), VolumePredictor(model, autocast_bf16=True)
-    enc32, enc16, dec, dices = [], [], [], []
+    exact = VolumePredictor(model, fast=False)
+    fast = VolumePredictor(model)
+    bf16 = VolumePredictor(model, autocast_bf16=True, fast=False)
+    enc = {"exact": [], "fast": [], "bf16": []}
+    dec = {"exact": [], "fast": []}
+    embedding_err, logit_err, pixels, dices = [], [], [], []
     for lesion_id, ct, k, box in lesion_slices(data):
-        for predictor in (fp32, bf16):
+        for predictor in (exact, fast, bf16):
             predictor.set_volume(ct.array, ct.geometry.spacing)
-        enc32 += encoder_ms(fp32, k, runs)
-        enc16 += encoder_ms(bf16, k, runs)
-        dec += timed(lambda: fp32.predict(k, box=box), runs)
-        a, b = fp32.predict(k, box=box).mask, bf16.predict(k, box=box).mask
-        dices.append(2.0 * np.count_nonzero(a & b) / max(1, a.sum() + b.sum()))
-    print(f"LiteMedSAM encoder fp32       : median {statistics.median(enc32):8.1f} ms/slice (N={len(enc32)})")
-    print(f"LiteMedSAM encoder bf16 autocast: median {statistics.median(enc16):8.1f} ms/slice (N={len(enc16)})")
-    print(f"LiteMedSAM decoder (box prompt) : median {statistics.median(dec):8.1f} ms/prompt (N={len(dec)})")
+        for name, predictor in (("exact", exact), ("fast", fast), ("bf16", bf16)):
+            enc[name] += encoder_ms(predictor, k, runs)
+        dec["exact"] += timed(lambda: exact.predict(k, box=box), 4 * runs)
+        dec["fast"] += timed(lambda: fast.predict(k, box=box), 4 * runs)
+        a, b = exact.embedding(k), fast.embedding(k)
+        embedding_err.append(float((a - b).norm() / a.norm()))
+        x, y = exact.predict(k, box=box), fast.predict(k, box=box)
+        logit_err.append(float(np.abs(x.logits - y.logits).max()))
+        pixels.append(int(np.count_nonzero(x.mask != y.mask)))
+        z = bf16.predict(k, box=box).mask
+        dices.append(2.0 * np.count_nonzero(x.mask & z) / max(1, x.mask.sum() + z.sum()))
+    base = statistics.median(enc["exact"])
+    print(f"LiteMedSAM encoder fp32, own modules : median {base:8.1f} ms/slice (N={len(enc['exact'])})")
+    for name, label in (("fast", "fp32, fastpath    "), ("bf16", "bf16 autocast     ")):
+        value = statistics.median(enc[name])
+        print(f"LiteMedSAM encoder {label}: median {value:8.1f} ms/slice ({value / base:.2f} x)")
+    base = statistics.median(dec["exact"])
+    value = statistics.median(dec["fast"])
+    print(f"LiteMedSAM decoder, box, own modules : median {base:8.1f} ms/prompt (N={len(dec['exact'])})")
+    print(f"LiteMedSAM decoder, box, fastpath    : median {value:8.1f} ms/prompt ({value / base:.2f} x)")
+    print(f"fastpath vs own modules: embedding relative error max {max(embedding_err):.1e}, "
+          f"max |logit difference| {max(logit_err):.1e}, mask pixels differing {sum(pixels)} over {len(pixels)} slices")
     print(f"bf16 vs fp32 masks: 2D Dice min {min(dices):.4f}, mean {np.mean(dices):.4f} over {len(dices)} lesions")
 
 

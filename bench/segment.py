@@ -1,10 +1,11 @@
 """Click -> 3D lesion speed, cold (no cached embeddings) and warm (embeddings prefetched), and peak memory.
 
-Usage: python bench/segment.py [--threads T] [--data ../shared/data]
+Usage: python bench/segment.py [--threads T] [--data ../shared/data] [--paths fast,exact]
 
 Cases: the LIDC-IDRI-0001 nodule clicked in its whole 512 x 512 x 16 slab, and a sarcoma spanning 20 slices
 (sts_003). Prints model load time, time to the first 2D (seed) mask, time to the 3D mask, slices, and the
-process's peak resident memory.
+process's peak resident memory. ``--paths fast,exact`` runs every case with the exact inference rewrites
+(OncoPilotLib/fastpath.py, the default) and with the model's own modules, in one process.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--paths", default="fast", help="comma-separated: fast (default), exact")
     args = parser.parse_args()
+    paths = [p.strip() for p in args.paths.split(",")]
+    if not paths or set(paths) - {"fast", "exact"}:
+        parser.error(f"--paths takes fast and/or exact, got {args.paths!r}")
     set_cpu_threads(args.threads)
     start = time.perf_counter()
     model = load_model("litemedsam", device="cpu")
@@ -66,14 +71,15 @@ def main() -> None:
         ct = read_volume(ct_path)
         truth = read_mask(mask_path, like=ct) > 0
         click = click_of(truth)
-        session = SegmentationSession(ct.array, ct.geometry, model=model)
-        first, total, slices = run_once(session, click)
-        print(f"{name}: cold  first 2D mask {first:6.2f} s, 3D mask {total:6.2f} s, {slices} slices")
-        session.predictor.cache.clear()
-        session.prefetch_around(int(click[2]), radius=ct.array.shape[0])
-        session.predictor.wait_prefetch()
-        first, total, slices = run_once(session, click)
-        print(f"{name}: warm  first 2D mask {first:6.2f} s, 3D mask {total:6.2f} s, {slices} slices")
+        for path in paths:
+            session = SegmentationSession(ct.array, ct.geometry, model=model, fast=path == "fast")
+            first, total, slices = run_once(session, click)
+            print(f"{name} [{path}]: cold  first 2D mask {first:6.2f} s, 3D mask {total:6.2f} s, {slices} slices")
+            session.predictor.cache.clear()
+            session.prefetch_around(int(click[2]), radius=ct.array.shape[0])
+            session.predictor.wait_prefetch()
+            first, total, slices = run_once(session, click)
+            print(f"{name} [{path}]: warm  first 2D mask {first:6.2f} s, 3D mask {total:6.2f} s, {slices} slices")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(f"peak resident memory: {peak:.0f} MiB")
 
