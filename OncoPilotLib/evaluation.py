@@ -62,6 +62,7 @@ class EvaluationConfig:
         edit_strategy: where in the error region to click (:func:`~OncoPilotLib.simulation.simulate_edit`).
         box_margin_px: growth of the ground-truth box in ``bbox`` mode (paper: 15).
         seed: seeds numpy and torch (the protocol itself has no randomness).
+        autocast_bf16: image encoder under bfloat16 autocast (see :class:`~OncoPilotLib.predictor.VolumePredictor`).
         settings: propagation settings of the session.
     """
 
@@ -75,6 +76,7 @@ class EvaluationConfig:
     box_margin_px: float = BOX_MARGIN_PX
     seed: int = 0
     device: str | None = None
+    autocast_bf16: bool = False
     settings: PropagationSettings = field(default_factory=PropagationSettings)
 
     def __post_init__(self):
@@ -88,8 +90,11 @@ class EvaluationConfig:
         """The settings results depend on (a resumed run must not mix results of different ones)."""
         keys = ("model", "checkpoint", "max_clicks", "min_error_voxels", "box_margin_px")
         identity = {**{k: getattr(self, k) for k in keys}, "settings": asdict(self.settings)}
-        if self.edit_strategy != "barycentre":  # absent for the paper's protocol: older result folders still match
+        # Absent at their defaults, so that older result folders still match.
+        if self.edit_strategy != "barycentre":
             identity["edit_strategy"] = self.edit_strategy
+        if self.autocast_bf16:
+            identity["autocast_bf16"] = True
         return identity
 
 
@@ -402,7 +407,7 @@ def make_predictor(config: EvaluationConfig):
     from .predictor import VolumePredictor
 
     model = load_model(config.model, config.checkpoint, device=config.device)
-    return VolumePredictor(model, embedding_dir=config.embedding_dir)
+    return VolumePredictor(model, embedding_dir=config.embedding_dir, autocast_bf16=config.autocast_bf16)
 
 
 _WORKER: dict = {}

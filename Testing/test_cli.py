@@ -32,6 +32,31 @@ def test_segment_from_a_ras_click(data_dir, tmp_path, capsys):
     assert values["volume_ml"] == pytest.approx(mask.sum() * np.prod(ct.geometry.spacing) / 1000.0, rel=1e-6)
 
 
+def test_segment_bf16_option_reaches_the_encoder(data_dir, tmp_path, capsys, monkeypatch):
+    import OncoPilotLib.session as session_module
+
+    sessions = []
+
+    class Recording(session_module.SegmentationSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    monkeypatch.setattr(session_module, "SegmentationSession", Recording)
+    ct_path = data_dir / "lesions" / "lidc_0003_n1_ct.nii.gz"
+    ct = read_volume(ct_path)
+    truth = read_mask(data_dir / "lesions" / "lidc_0003_n1_mask.nii.gz", like=ct) > 0
+    k = int(np.flatnonzero(truth.any(axis=(1, 2))).mean().round())
+    rows, cols = np.nonzero(truth[k])
+    out = tmp_path / "lesion.nii.gz"
+    code = main(["segment", str(ct_path), "--point", f"{cols.mean():.1f},{rows.mean():.1f},{k}", "--bf16",
+                 "--out", str(out), "--quiet"])
+    assert code == 0 and "mask written to" in capsys.readouterr().out
+    assert len(sessions) == 1 and sessions[0].predictor.autocast_bf16
+    mask = read_mask(out, like=ct) > 0
+    assert 2 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum()) >= 0.7
+
+
 def test_segment_bad_input_is_a_clear_error(data_dir, tmp_path, capsys):
     ct_path = data_dir / "lesions" / "lidc_0003_n1_ct.nii.gz"
     code = main(["segment", str(ct_path), "--point", "5000,3,2", "--out", str(tmp_path / "x.nii.gz"), "--quiet"])

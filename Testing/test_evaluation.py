@@ -256,6 +256,10 @@ def test_resume_skips_finished_lesions(tmp_path, stub_segmentation):
     assert stub_segmentation == [("b_c2", "bbox")] and len(records) == 6
     with pytest.raises(ValueError, match="another configuration"):
         run_evaluation(cases, EvaluationConfig(modes=("point",), max_clicks=2, embedding_dir=None), out, progress=None)
+    with pytest.raises(ValueError, match="another configuration"):  # bf16 results must not mix with fp32 ones
+        run_evaluation(cases, EvaluationConfig(modes=("point", "bbox"), embedding_dir=None, autocast_bf16=True), out,
+                       progress=None)
+    assert "autocast_bf16" not in config.identity()  # folders written before the option still resume
     stub_segmentation.clear()
     run_evaluation(cases, config, out, overwrite=True, progress=None)
     assert stub_segmentation == expected

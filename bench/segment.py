@@ -1,11 +1,12 @@
 """Click -> 3D lesion speed, cold (no cached embeddings) and warm (embeddings prefetched), and peak memory.
 
-Usage: python bench/segment.py [--threads T] [--data ../shared/data] [--paths fast,exact]
+Usage: python bench/segment.py [--threads T] [--data ../shared/data] [--paths fast,exact,bf16]
 
 Cases: the LIDC-IDRI-0001 nodule clicked in its whole 512 x 512 x 16 slab, and a sarcoma spanning 20 slices
 (sts_003). Prints model load time, time to the first 2D (seed) mask, time to the 3D mask, slices, and the
-process's peak resident memory. ``--paths fast,exact`` runs every case with the exact inference rewrites
-(OncoPilotLib/fastpath.py, the default) and with the model's own modules, in one process.
+process's peak resident memory. ``--paths`` runs every case, in one process, with the exact inference rewrites
+(``fast``, OncoPilotLib/fastpath.py, the default), with the model's own modules (``exact``) and/or with the
+rewrites and the encoder under bfloat16 autocast (``bf16``, the ``--bf16`` option of ``oncopilot segment``).
 """
 
 from __future__ import annotations
@@ -58,11 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--paths", default="fast", help="comma-separated: fast (default), exact")
+    parser.add_argument("--paths", default="fast", help="comma-separated: fast (default), exact, bf16")
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",")]
-    if not paths or set(paths) - {"fast", "exact"}:
-        parser.error(f"--paths takes fast and/or exact, got {args.paths!r}")
+    if not paths or set(paths) - {"fast", "exact", "bf16"}:
+        parser.error(f"--paths takes fast, exact and/or bf16, got {args.paths!r}")
     set_cpu_threads(args.threads)
     start = time.perf_counter()
     model = load_model("litemedsam", device="cpu")
@@ -72,7 +73,8 @@ def main() -> None:
         truth = read_mask(mask_path, like=ct) > 0
         click = click_of(truth)
         for path in paths:
-            session = SegmentationSession(ct.array, ct.geometry, model=model, fast=path == "fast")
+            session = SegmentationSession(ct.array, ct.geometry, model=model, fast=path != "exact",
+                                          autocast_bf16=path == "bf16")
             first, total, slices = run_once(session, click)
             print(f"{name} [{path}]: cold  first 2D mask {first:6.2f} s, 3D mask {total:6.2f} s, {slices} slices")
             session.predictor.cache.clear()

@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N cases only")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--bf16", action="store_true", help="image encoder in bfloat16 (faster on CPUs with bf16 "
+                        "support; results differ, see docs/BENCHMARKS.md section 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.embedding_cache.lower() == "none" else args.embedding_cache
     config = EvaluationConfig(modes=args.modes, model=args.model, checkpoint=args.checkpoint, embedding_dir=cache,
                               max_clicks=args.max_clicks, edit_strategy=args.edit_click, seed=args.seed,
-                              device=args.device)
+                              device=args.device, autocast_bf16=args.bf16)
     cases = find_evaluation_cases(args.data, args.ids, args.limit)
     logger.info("evaluating %d cases, modes %s, into %s", len(cases), ", ".join(config.modes), args.out)
     run_evaluation(cases, config, args.out, jobs=args.jobs, overwrite=args.overwrite, data=args.data,
