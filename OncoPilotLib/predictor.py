@@ -169,6 +169,10 @@ class VolumePredictor:
 
             self.image_encoder = inference_encoder(network.image_encoder)
             self.mask_decoder = inference_decoder(network.mask_decoder)
+        import torch
+
+        with torch.inference_mode():  # a fixed function of the grid (its Gaussian matrix is a buffer, never trained)
+            self._dense_pe = network.prompt_encoder.get_dense_pe()
         self.window_hu = tuple(window_hu) if window_hu is not None else self.model.spec.window_hu
         self.autocast_bf16 = autocast_bf16
         self.cache = EmbeddingCache(cache_bytes)
@@ -283,10 +287,9 @@ class VolumePredictor:
         network, device = self.model.network, self.model.device
         with torch.inference_mode():
             sparse, dense = network.prompt_encoder(points=sparse_points, boxes=sparse_boxes, masks=dense_masks)
-            low_res, iou = self.mask_decoder(image_embeddings=embedding.to(device),
-                                                image_pe=network.prompt_encoder.get_dense_pe(),
-                                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                                multimask_output=multimask_output)
+            low_res, iou = self.mask_decoder(image_embeddings=embedding.to(device), image_pe=self._dense_pe,
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=multimask_output)
         best = torch.argmax(iou, dim=1) if multimask_output else torch.zeros(len(iou), dtype=torch.long)
         return [Prediction(logits_to_slice(low_res[b:b + 1, int(best[b]):int(best[b]) + 1], transform,
                                            self.volume.shape[1:]), float(iou[b, best[b]]), slice_index)
