@@ -273,8 +273,8 @@ class VolumePredictor:
                       crop=None, multimask_output: bool = False) -> list[Prediction]:
         """Like :meth:`predict` for B boxes (B, 4) at once, sharing the points and mask prompt.
 
-        One decoder call for the whole batch; SAM's decoder repeats the image embedding per prompt, so on the CPU a
-        batch of B boxes costs nearly B single decodes (measured: 10 boxes ~0.9-1.2 s, one box ~65 ms).
+        One decoder call for the whole batch. The image side of the decoder is per prompt, so a batch of B boxes costs
+        about B single decodes (``bench/engine.py``); the batch saves the Python around them.
         """
         import torch
 
@@ -318,7 +318,7 @@ class VolumePredictor:
         if mask_logits is not None:
             low_res = 4 * self.model.network.prompt_encoder.image_embedding_size[0]
             dense_masks = slice_logits_to_model(np.asarray(mask_logits, dtype=np.float32), transform, low_res)
-            dense_masks = dense_masks.to(device).expand(batch, -1, -1, -1)
+            dense_masks = dense_masks.to(device)  # one mask for every prompt: decoders broadcast its embedding
         return sparse_points, sparse_boxes, dense_masks
 
     # ---- prefetch -----------------------------------------------------------------------------------------

@@ -50,7 +50,10 @@ def test_fast_path_gives_the_models_own_masks(model, data_dir, lesion_id):
     centre = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]
     prompts = [dict(box=box), dict(box=box, mask_logits=previous.logits),
                dict(points=[centre, box[:2]], point_labels=[1, 0], mask_logits=previous.logits),
-               dict(box=box, points=[centre], point_labels=[1]), dict(box=box, multimask_output=True)]
+               dict(box=box, points=[centre], point_labels=[1]), dict(box=box, multimask_output=True),
+               # 12 clicks + a box: 19 tokens x 8 heads exceed the attention's width, the decoder's plain attention
+               dict(box=box, points=[centre] * 6 + [box[:2]] * 6, point_labels=[1] * 6 + [0] * 6,
+                    mask_logits=previous.logits)]
     for prompt in prompts:
         x, y = fast.predict(k, **prompt), exact.predict(k, **prompt)
         assert np.abs(x.logits - y.logits).max() < 1e-3, prompt.keys()

@@ -1,5 +1,5 @@
-"""Engine speed: encoder ms/slice and decoder ms/prompt for LiteMedSAM (model's own modules, the exact inference
-rewrites of OncoPilotLib/fastpath.py, bf16 autocast) and SAM ViT-B.
+"""Engine speed: encoder ms/slice and decoder ms/prompt (one box, and a batch of 10 boxes) for LiteMedSAM (model's
+own modules, the exact inference rewrites of OncoPilotLib/fastpath.py, bf16 autocast) and SAM ViT-B.
 
 Usage: python bench/engine.py [--runs N] [--sam-runs M] [--threads T] [--data ../shared/data]
 
@@ -60,6 +60,7 @@ def bench_litemedsam(model: LoadedModel, data: Path, runs: int) -> None:
     bf16 = VolumePredictor(model, autocast_bf16=True)
     enc = {"exact": [], "fast": [], "bf16": []}
     dec = {"exact": [], "fast": []}
+    batch = {"exact": [], "fast": []}  # 10 boxes in one decoder call, as a click seed decodes them
     embedding_err, logit_err, pixels, dices = [], [], [], []
     for lesion_id, ct, k, box in lesion_slices(data):
         for predictor in (exact, fast, bf16):
@@ -68,6 +69,9 @@ def bench_litemedsam(model: LoadedModel, data: Path, runs: int) -> None:
             enc[name] += encoder_ms(predictor, k, runs)
         dec["exact"] += timed(lambda: exact.predict(k, box=box), 4 * runs)
         dec["fast"] += timed(lambda: fast.predict(k, box=box), 4 * runs)
+        boxes = np.array([np.add(box, (i, i, -i, -i)) for i in range(-5, 5)], dtype=float)
+        batch["exact"] += timed(lambda: exact.predict_batch(k, boxes), runs)
+        batch["fast"] += timed(lambda: fast.predict_batch(k, boxes), runs)
         a, b = exact.embedding(k), fast.embedding(k)
         embedding_err.append(float((a - b).norm() / a.norm()))
         x, y = exact.predict(k, box=box), fast.predict(k, box=box)
@@ -84,6 +88,9 @@ def bench_litemedsam(model: LoadedModel, data: Path, runs: int) -> None:
     value = statistics.median(dec["fast"])
     print(f"LiteMedSAM decoder, box, own modules : median {base:8.1f} ms/prompt (N={len(dec['exact'])})")
     print(f"LiteMedSAM decoder, box, fastpath    : median {value:8.1f} ms/prompt ({value / base:.2f} x)")
+    base, value = statistics.median(batch["exact"]), statistics.median(batch["fast"])
+    print(f"LiteMedSAM decoder, 10 boxes, own modules : median {base:8.1f} ms/batch (N={len(batch['exact'])})")
+    print(f"LiteMedSAM decoder, 10 boxes, fastpath    : median {value:8.1f} ms/batch ({value / base:.2f} x)")
     print(f"fastpath vs own modules: embedding relative error max {max(embedding_err):.1e}, "
           f"max |logit difference| {max(logit_err):.1e}, mask pixels differing {sum(pixels)} over {len(pixels)} slices")
     print(f"bf16 vs fp32 masks: 2D Dice min {min(dices):.4f}, mean {np.mean(dices):.4f} over {len(dices)} lesions")
