@@ -6,7 +6,9 @@ Same outputs as the original modules up to float rounding (relative error ~1e-6,
 - TinyViT image encoder (LiteMedSAM): every convolution + batch norm pair is folded into one convolution
   (TinyViT's own ``Conv2d_BN.fuse``), the network runs channels-last (the depthwise 3 x 3 convolutions on
   256 x 256 x 256 activations are ~2x faster in oneDNN that way), GELU is applied on the contiguous
-  channels-last view, and window attention adds its relative-position bias in place.
+  channels-last view, and window attention adds its relative-position bias in place. Every convolution or linear
+  layer that feeds a GELU runs as one oneDNN primitive with the GELU as its post-op (where the torch build has
+  them and they match the two-step result; not under bf16 autocast).
 - Mask decoder, two-way transformer: attention between the few prompt tokens (T ~ 7) and the 4,096 image tokens
   is rewritten so that the image is multiplied by (heads x T) projected token vectors instead of being projected
   to the attention's internal width three times per attention (q/k/v weights folded into the tokens, the output
@@ -42,6 +44,58 @@ class _ChannelsLastGELU(nn.Module):
         if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return F.gelu(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return F.gelu(x)
+
+
+class _FusedGELU(nn.Module):
+    """A convolution or linear layer followed by GELU, as one oneDNN primitive with GELU (erf form) as its post-op:
+    the activation is applied while each output block is still in cache instead of in a second pass over memory.
+
+    Under autocast (the ``--bf16`` encoder) the layer and GELU run as two modules, as before.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return _ChannelsLastGELU()(layer(x))
+        if isinstance(layer, nn.Conv2d):
+            return torch.ops.mkldnn._convolution_pointwise(x, layer.weight, layer.bias, layer.padding, layer.stride,
+                                                           layer.dilation, layer.groups, "gelu", [None], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [None], "none")
+
+
+def _fused_gelu_works() -> bool:
+    """True where this torch build has oneDNN's fused convolution / linear + GELU and they match the two-step result."""
+    try:
+        with torch.inference_mode():
+            conv, linear = nn.Conv2d(4, 8, 3, padding=1, groups=2).eval(), nn.Linear(8, 16).eval()
+            x = torch.randn(1, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+            y = torch.randn(2, 5, 8)
+            return (torch.allclose(_FusedGELU(conv)(x), F.gelu(conv(x)), atol=1e-5)
+                    and torch.allclose(_FusedGELU(linear)(y), F.gelu(linear(y)), atol=1e-5))
+    except (RuntimeError, AttributeError):  # op missing or refusing these inputs: keep the two-step modules
+        return False
+
+
+def _is_gelu(module: nn.Module) -> bool:
+    return isinstance(module, nn.GELU) and module.approximate == "none"
+
+
+def _fuse_gelu(fast: nn.Module, tiny_vit_sam) -> None:
+    """Wrap each TinyViT convolution / linear layer that feeds a GELU in :class:`_FusedGELU` (and drop that GELU)."""
+    for module in fast.modules():
+        if isinstance(module, tiny_vit_sam.MBConv) and _is_gelu(module.act1) and _is_gelu(module.act2):
+            module.conv1, module.act1 = _FusedGELU(module.conv1), nn.Identity()
+            module.conv2, module.act2 = _FusedGELU(module.conv2), nn.Identity()
+        elif isinstance(module, tiny_vit_sam.PatchMerging) and _is_gelu(module.act):  # applied after conv1 and conv2
+            module.conv1, module.conv2, module.act = _FusedGELU(module.conv1), _FusedGELU(module.conv2), nn.Identity()
+        elif isinstance(module, tiny_vit_sam.PatchEmbed) and _is_gelu(module.seq[1]):
+            module.seq[0], module.seq[1] = _FusedGELU(module.seq[0]), nn.Identity()
+        elif isinstance(module, tiny_vit_sam.Mlp) and _is_gelu(module.act):
+            module.fc1, module.act = _FusedGELU(module.fc1), nn.Identity()
 
 
 def _window_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +138,8 @@ def inference_encoder(encoder: nn.Module) -> nn.Module:
     fast = copy.deepcopy(encoder).eval()  # eval() also caches each attention's bias table (``ab``)
     fast.requires_grad_(False)
     _fuse_conv_bn(fast, tiny_vit_sam.Conv2d_BN)
+    if _fused_gelu_works():
+        _fuse_gelu(fast, tiny_vit_sam)
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.GELU) and child.approximate == "none":

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from OncoPilotLib.device import set_cpu_threads  # noqa: E402
+from OncoPilotLib import fastpath  # noqa: E402
 from OncoPilotLib.fastpath import InferenceMaskDecoder, inference_decoder, inference_encoder  # noqa: E402
 from OncoPilotLib.io import read_mask, read_volume  # noqa: E402
 from OncoPilotLib.models import load_model  # noqa: E402
@@ -87,3 +88,20 @@ def test_rewrites_only_apply_where_they_are_exact(model):
     decoder.output_upscaling[0] = torch.nn.ConvTranspose2d(256, 64, kernel_size=4, stride=2, padding=1)
     assert inference_decoder(decoder) is decoder
     assert isinstance(inference_decoder(model.network.mask_decoder), InferenceMaskDecoder)
+
+
+def test_fused_gelu_layers_and_their_autocast_fallback(model, data_dir):
+    """oneDNN's convolution / linear + GELU primitives replace the encoder's layer + GELU pairs where this torch has
+    them (checked above: same embeddings); under bf16 autocast the same encoder runs the layers and GELUs in turn."""
+    fast = VolumePredictor(model)
+    fused = [m for m in fast.image_encoder.modules() if isinstance(m, fastpath._FusedGELU)]
+    assert fastpath._fused_gelu_works() == bool(fused)
+    if fused:  # TinyViT-5M: 2 MBConv x 2, patch embedding, 3 patch mergings x 2, 10 MLPs
+        assert len(fused) == 21
+    ct, k, box = _middle_slice(data_dir, "sts_003")
+    bf16 = VolumePredictor(model, autocast_bf16=True)
+    for predictor in (fast, bf16):
+        predictor.set_volume(ct.array, ct.geometry.spacing)
+    a, b = fast.predict(k, box=box).mask, bf16.predict(k, box=box).mask
+    assert bf16.embedding(k).dtype == torch.float32
+    assert 2.0 * np.count_nonzero(a & b) / (a.sum() + b.sum()) > 0.9
