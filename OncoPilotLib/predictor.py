@@ -2,7 +2,7 @@
 
 ``set_volume`` stores the HU volume; each axial slice (or a crop of it) is encoded once and its image
 embedding kept in a byte-bounded LRU cache, so that prompts, propagation steps and edit clicks on an
-already-encoded slice cost only the mask decoder (~45 ms on 2 CPU cores vs ~0.6 s for the encoder).
+already-encoded slice cost only the mask decoder (~20 ms on 2 CPU cores vs ~0.6 s for the encoder).
 A background thread can prefetch embeddings around a slice of interest before the user clicks.
 """
 
